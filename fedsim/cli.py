@@ -1,0 +1,239 @@
+"""``fedsim run | data | pretrain`` — the command line. Heavy imports stay inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(message, file=sys.stderr)
+    return code
+
+
+def prepare_data(cfg):
+    """The PSSFL partition for ``cfg.data`` (generated or read, then split; cached)."""
+    from fedsim.data.partition import build_partition, synthetic_partition
+    from fedsim.offline import cache_dir
+
+    data = cfg.data
+    if data.format == "synthetic":
+        return synthetic_partition(data, cfg.clients.num_clients, cache_dir())
+    from fedsim.data.yolo_folder import load_domain_index
+
+    index = load_domain_index(data.root, manifest=data.manifest, num_classes=len(data.classes), on_bad=data.on_bad)
+    if index.problems:
+        print(f"data: skipped {len(index.problems)} image(s) with problems:\n{index.summary()}", flush=True)
+    return build_partition(
+        index.images,
+        data.classes,
+        cache_dir(),
+        data.server_domains,
+        data.client_domains,
+        cfg.clients.num_clients,
+        data.server_images,
+        data.client_images,
+        data.test_images,
+        data.client_scale,
+        data.seed,
+        source_key=f"yolo:{Path(data.root).resolve()}",
+    )
+
+
+def prepare_weights(cfg) -> str | None:
+    """The checkpoint path a run starts from (the cached foundation model is built on first use)."""
+    from fedsim.model.foundation import pretrain
+    from fedsim.offline import cache_dir
+
+    m = cfg.model
+    if m.weights != "foundation":
+        return m.weights
+    return str(
+        pretrain(
+            cache_dir(),
+            m.arch,
+            m.pretrain_images,
+            m.pretrain_epochs,
+            m.pretrain_seed,
+            cfg.data.width,
+            cfg.data.height,
+            threads=cfg.train.server_threads,
+        )
+    )
+
+
+def init_ray() -> None:
+    """Join the cluster a job runs on, or start a private local one (never both)."""
+    import logging
+
+    import ray
+
+    from fedsim.offline import offline_env
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(address="auto", logging_level=logging.WARNING)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": offline_env()},
+        )
+
+
+def new_run_dir(cfg, resume: bool) -> Path:
+    base = f"{cfg.name}-{cfg.strategy.name}-s{cfg.seed}-{cfg.key()}"
+    root = Path(cfg.output_dir).resolve()
+    if resume:
+        found = sorted(root.glob(f"{base}-*"))
+        if found:
+            return found[-1]
+        print(f"resume: no earlier run of this config under {root}; starting a new one", flush=True)
+    return root / f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def format_round(rec: dict, domains: list[str], rounds: int) -> str:
+    maps = "  ".join(f"{d} {rec.get(f'map50/{d}', float('nan')):.3f}" for d in domains)
+    label = "warm-up" if rec["round"] == 0 else f"round {rec['round']}/{rounds}"
+    extra = f"  clients {int(rec['clients/ok'])} ok" if "clients/ok" in rec else ""
+    if rec.get("clients/failed"):
+        extra += f" {int(rec['clients/failed'])} failed"
+    return f"{label:<12} mAP@50 {maps}  total {rec['map50/total']:.3f}{extra}  {rec['round_seconds']:.1f}s"
+
+
+def simulate(cfg, resume: bool = False, stop_after: int | None = None, echo=print) -> dict:
+    """Run one simulation to the end (or to ``stop_after`` rounds); returns the last record."""
+    import ray
+
+    from fedsim.runtime.driver import DriverActor
+    from fedsim.tracking import resolve_uri
+
+    partition = prepare_data(cfg)
+    weights = prepare_weights(cfg)
+    run_dir = new_run_dir(cfg, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    uri = resolve_uri(cfg.tracking.uri)
+    init_ray()
+    domains = list(partition.test)
+    driver = DriverActor.options(num_cpus=0).remote(
+        cfg.model_dump(mode="json"), str(run_dir), str(partition.root), weights, uri, resume
+    )
+    last: dict = {}
+    for ref in driver.run.remote():
+        rec = ray.get(ref)
+        if rec["event"] == "round":
+            echo(format_round(rec, domains, cfg.rounds))
+            last = rec
+            if stop_after is not None and rec["round"] >= stop_after:
+                echo(f"stopping after round {rec['round']} (--stop-after); resume with --resume")
+                ray.kill(driver)
+                return last
+        elif rec["event"] == "resumed":
+            echo(f"resumed {run_dir.name} after round {rec['round']}")
+        elif rec["event"] == "done":
+            echo(f"done: {run_dir}  (MLflow run {rec['run_id']} at {uri})")
+            last = {**last, **rec}
+    return last
+
+
+def cmd_run(args) -> int:
+    from fedsim.config import ConfigError, load
+
+    try:
+        cfg = load(args.config, args.set)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    simulate(cfg, resume=args.resume, stop_after=args.stop_after)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from fedsim.config import ConfigError, ExperimentConfig, load
+
+    try:
+        cfg = load(args.config, args.set) if args.config else ExperimentConfig()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    cfg.model.weights = "foundation"
+    print(prepare_weights(cfg))
+    return 0
+
+
+def cmd_data(args) -> int:
+    if args.kind == "synth":
+        from fedsim.config import ConfigError, ExperimentConfig, load
+        from fedsim.data.partition import synthetic_partition
+
+        try:
+            cfg = load(args.config, args.set) if args.config else ExperimentConfig()
+        except ConfigError as exc:
+            return _fail(str(exc))
+        part = synthetic_partition(cfg.data, cfg.clients.num_clients, Path(args.out).resolve())
+        print(f"{part.root}\n  server: {part.server_images} (imgsz {part.server_imgsz})")
+        for c in part.clients:
+            print(f"  client {c.client_id}: {c.domain}, {c.num_images} images (imgsz {part.client_imgsz})")
+        print(f"  data.yaml: {part.root / 'data.yaml'}")
+        return 0
+    if args.kind == "bdd100k":
+        from fedsim.data.bdd100k import convert_bdd100k
+
+        report = convert_bdd100k(Path(args.labels), Path(args.images), Path(args.out), domain_key=args.domain_key)
+    else:
+        from fedsim.data.soda10m import convert_soda10m
+
+        report = convert_soda10m(Path(args.annotations), Path(args.images), Path(args.out), domain_key=args.domain_key)
+    print(report.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedsim", description="PSSFL simulation of detection foundation models on Ray"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one simulation")
+    run.add_argument("config")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    run.add_argument("--resume", action="store_true", help="continue the latest run of this config")
+    run.add_argument("--stop-after", type=int, default=None, help="stop after this round (testing resume)")
+    run.set_defaults(func=cmd_run)
+
+    pre = sub.add_parser("pretrain", help="build (or find) the cached foundation checkpoint")
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--set", action="append", default=[])
+    pre.set_defaults(func=cmd_pretrain)
+
+    data = sub.add_parser("data", help="generate the synthetic data set or convert real data")
+    kinds = data.add_subparsers(dest="kind", required=True)
+    synth = kinds.add_parser("synth", help="generate and split the embedded default data set")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--config", default=None)
+    synth.add_argument("--set", action="append", default=[])
+    bdd = kinds.add_parser("bdd100k", help="BDD100K detection JSON -> domain folders")
+    bdd.add_argument("--labels", required=True)
+    bdd.add_argument("--images", required=True)
+    bdd.add_argument("--out", required=True)
+    bdd.add_argument("--domain-key", default="weather", choices=["weather", "timeofday", "scene"])
+    soda = kinds.add_parser("soda10m", help="SODA10M COCO-style JSON -> domain folders")
+    soda.add_argument("--annotations", required=True)
+    soda.add_argument("--images", required=True)
+    soda.add_argument("--out", required=True)
+    soda.add_argument("--domain-key", default="weather", choices=["weather", "period", "location", "city"])
+    data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""One experiment = one pydantic model tree, loaded from YAML with ``--set key=value`` overrides.
+
+Every invalid field is reported in a single error, before any Ray process starts::
+
+    fedsim: config error: clients.sampling_rate must be in (0, 1], got 1.5
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedsim.data.synthetic import CLASSES, DOMAINS
+
+
+class ConfigError(ValueError):
+    """An experiment config that cannot run; the message names every bad field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    format: Literal["synthetic", "yolo"] = "synthetic"
+    root: Path | None = None  # yolo: <root>/<domain>/{images,labels}
+    manifest: Path | None = None  # yolo: CSV image,domain,split instead of domain folders
+    on_bad: Literal["skip", "fail"] = "skip"  # images with broken labels: skip with a report, or stop
+    classes: list[str] = Field(default_factory=lambda: list(CLASSES))
+    server_domains: list[str] = Field(default_factory=lambda: ["cloudy"])
+    client_domains: list[str] = Field(default_factory=lambda: ["overcast", "rainy", "snowy"])
+    server_images: int = Field(200, gt=0)  # labeled, high resolution
+    client_images: int = Field(200, gt=0)  # unlabeled, per client domain, shared by that domain's clients
+    test_images: int = Field(50, gt=0)  # labeled, per domain
+    width: int = Field(320, ge=32)  # server (high) resolution of generated images
+    height: int = Field(192, ge=32)
+    client_scale: float = Field(0.5, gt=0, le=1)  # client resolution = server resolution * this
+    seed: int = 0  # data seed: runs with different run seeds share one data set
+
+    @model_validator(mode="after")
+    def _domains(self) -> DataConfig:
+        if not self.server_domains or not self.client_domains:
+            raise ValueError("needs at least one server domain and one client domain")
+        if self.format == "synthetic":
+            unknown = [d for d in self.server_domains + self.client_domains if d not in DOMAINS]
+            if unknown:
+                raise ValueError(f"unknown synthetic domain(s) {unknown}; known: {sorted(DOMAINS)}")
+        elif self.root is None:
+            raise ValueError("format 'yolo' needs data.root")
+        return self
+
+
+class ModelConfig(Section):
+    arch: str = "yolov8n.yaml"  # any Ultralytics detection YAML; the scale letter selects the size
+    # "foundation": the cached `fedsim pretrain` checkpoint (built on first use);
+    # a path: a local .pt (yolov8n.pt, yolo11n.pt, ...); null: random initialisation.
+    weights: str | None = "foundation"
+    pretrain_images: int = Field(1200, gt=0)
+    pretrain_epochs: int = Field(12, gt=0)
+    pretrain_seed: int = 0
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, v: str | None) -> str | None:
+        if v not in (None, "foundation") and not Path(v).expanduser().is_file():
+            raise ValueError(f"file not found: {v} (fedsim never downloads weights)")
+        return v
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_yaml(cls, v: str) -> str:
+        if not v.endswith((".yaml", ".yml")):
+            raise ValueError(f"must name an Ultralytics model YAML such as yolov8n.yaml, got {v!r}")
+        return v
+
+
+class ClientsConfig(Section):
+    num_clients: int = Field(3, gt=0)
+    sampling_rate: float = 1.0  # fraction of clients sampled per round
+    profile: str = "cpu-1"  # device profile, see fedsim/runtime/resources.py
+    max_actors: int | None = Field(None, gt=0)  # cap on the client actor pool
+
+    @field_validator("sampling_rate")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str) -> str:
+        from fedsim.runtime.resources import PROFILES
+
+        if v not in PROFILES:
+            raise ValueError(f"unknown device profile {v!r}; known: {sorted(PROFILES)}")
+        return v
+
+
+class StrategyConfig(Section):
+    name: str = "fedavg"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Section):
+    batch: int = Field(8, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: int = Field(10, ge=0)  # server-only supervised epochs before round 1
+    server_epochs: int = Field(1, ge=0)  # supervised server epochs per round
+    client_epochs: int = Field(1, gt=0)  # unsupervised local epochs per round
+    client_lr: float | None = Field(None, gt=0)  # default: lr
+    ema_momentum: float = Field(0.99, ge=0, lt=1)  # client teacher, reset from the received model each job
+    conf_thres: float = Field(0.4, gt=0, lt=1)  # pseudo-label confidence threshold
+    nms_iou: float = Field(0.65, gt=0, lt=1)
+    unsup_weight: float = Field(1.0, gt=0)
+    server_threads: int = Field(2, gt=0)
+    eval_batch: int = Field(16, gt=0)
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
+    experiment: str = "fedsim"
+    run_name: str | None = None
+
+
+class ExperimentConfig(Section):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(5, ge=0)
+    output_dir: Path = Path("runs")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def flat(self) -> dict[str, str]:
+        """Dotted-key view for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+    def key(self) -> str:
+        """Hash of everything but tracking: two configs with one key produce identical runs."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"tracking"}), sort_keys=True).encode()
+        return hashlib.sha1(blob).hexdigest()[:10]
+
+    def dump_yaml(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+
+
+def _describe(err: dict) -> str:
+    where = _field_path(err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    got = err.get("input")
+    suffix = "" if ", got " in msg or isinstance(got, dict) else f", got {got!r}"
+    return f"{where} {msg}{suffix}" if where else msg
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``a.b=c`` sets raw["a"]["b"] = yaml(c)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def parse(raw: dict) -> ExperimentConfig:
+    """Validate a raw dict: config fields, then the strategy's own parameters."""
+    from strategies import resolve_params
+
+    problems: list[str] = []
+    cfg = None
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_describe(e) for e in exc.errors()]
+    strategy = (raw.get("strategy") or {}) if isinstance(raw, dict) else {}
+    if isinstance(strategy, dict):
+        problems += resolve_params(strategy.get("name", "fedavg"), strategy.get("params") or {})
+    if problems:
+        raise ConfigError("\n".join(f"fedsim: config error: {p}" for p in problems))
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"fedsim: config error: config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"fedsim: config error: {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"fedsim: config error: {path} must hold a mapping at the top level")
+    return parse(apply_overrides(raw, overrides or []))

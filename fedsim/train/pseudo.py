@@ -1,0 +1,113 @@
+"""Unlabeled client training: an EMA teacher labels each batch, the student learns from it.
+
+Per job the teacher starts as a copy of the model the client received and follows the student
+by EMA (``momentum``), as FedSTO's local EMA pseudo-labeler does. Teacher detections go through
+Ultralytics' NMS, and only boxes with confidence >= ``conf_thres`` become labels.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim.model.detector import train_mode
+from fedsim.train.supervised import CPU, ExtraLoss, loss_items, random_hflip
+
+
+class EMATeacher:
+    """A frozen copy of the model whose trainable tensors trail the student's by EMA."""
+
+    def __init__(self, model: nn.Module, momentum: float, keys: list[str]):
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.momentum = momentum
+        self.keys = keys
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        mine, theirs = self.model.state_dict(), student.state_dict()
+        for k in self.keys:
+            if mine[k].dtype.is_floating_point:
+                mine[k].mul_(self.momentum).add_(theirs[k].detach(), alpha=1 - self.momentum)
+            else:
+                mine[k].copy_(theirs[k])
+
+
+@torch.no_grad()
+def pseudo_labels(
+    teacher: nn.Module, img: torch.Tensor, conf_thres: float, iou_thres: float, max_det: int = 100
+) -> dict[str, torch.Tensor]:
+    """Teacher detections on ``img`` (B,3,H,W in [0,1]) as a label batch for ``v8DetectionLoss``.
+
+    Returns ``batch_idx (N,)``, ``cls (N,1)``, ``bboxes (N,4)`` normalised xywh and ``conf (N,)``.
+    """
+    from ultralytics.utils.nms import non_max_suppression
+
+    teacher.eval()
+    preds = teacher(img)
+    preds = preds[0] if isinstance(preds, (tuple, list)) else preds
+    dets = non_max_suppression(preds, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
+    h, w = img.shape[2:]
+    scale = torch.tensor([w, h, w, h], dtype=img.dtype, device=img.device)
+    idx, cls, boxes, conf = [], [], [], []
+    for i, d in enumerate(dets):
+        d = d[d[:, 4] >= conf_thres]
+        xyxy = d[:, :4].clamp(min=0) / scale
+        xyxy = xyxy.clamp(max=1)
+        xywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
+        keep = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
+        idx.append(torch.full((int(keep.sum()),), i, dtype=img.dtype, device=img.device))
+        cls.append(d[keep, 5:6])
+        boxes.append(xywh[keep])
+        conf.append(d[keep, 4])
+    return {"batch_idx": torch.cat(idx), "cls": torch.cat(cls), "bboxes": torch.cat(boxes), "conf": torch.cat(conf)}
+
+
+def unsupervised_epoch(
+    student: nn.Module,
+    teacher: EMATeacher,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    conf_thres: float,
+    iou_thres: float,
+    seed: int,
+    unsup_weight: float = 1.0,
+    extra_loss: ExtraLoss | None = None,
+    device: torch.device = CPU,
+) -> dict[str, float]:
+    """One local epoch on unlabeled images. Any labels the loader carries are dropped unread."""
+    generator = torch.Generator().manual_seed(seed)
+    sums = np.zeros(4)
+    steps = n_pseudo = 0
+    for raw in loader:
+        img = raw["img"].to(device).float() / 255.0
+        batch = {"img": img, **pseudo_labels(teacher.model, img, conf_thres, iou_thres)}
+        n_pseudo += int(batch["cls"].shape[0])
+        batch = random_hflip(batch, generator)  # the student sees a different view than the teacher
+        train_mode(student)
+        loss, items = student.loss(batch)
+        total = loss.sum() * unsup_weight
+        extra = extra_loss(student) if extra_loss else None
+        if extra is not None:
+            total = total + extra
+            sums[3] += float(extra.detach())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        teacher.update(student)
+        sums[:3] += loss_items(items)
+        steps += 1
+    mean = sums / max(steps, 1)
+    return {
+        "box_loss": mean[0],
+        "cls_loss": mean[1],
+        "dfl_loss": mean[2],
+        "extra_loss": mean[3],
+        "steps": steps,
+        "n_pseudo": n_pseudo,
+    }

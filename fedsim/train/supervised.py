@@ -1,0 +1,132 @@
+"""Labeled training: Ultralytics' dataset and ``v8DetectionLoss`` in a loop of our own.
+
+``YOLO.train()`` is not used: it reloads FP16 EMA weights after training and resets hand-set
+``requires_grad`` flags, which would undo the frozen backbone and change what travels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedsim.model.detector import train_mode
+
+CPU = torch.device("cpu")
+ExtraLoss = Callable[[nn.Module], torch.Tensor | None]
+
+
+def build_dataset(images: str | Path | list[str], imgsz: int, names: list[str], batch: int):
+    """An Ultralytics ``YOLODataset`` without augmentation, letterboxed to one rectangle shape.
+
+    ``rect=True`` keeps wide driving images wide instead of padding them square. Every batch
+    gets the same (largest) shape so shuffled batches still collate.
+    """
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.dataset import YOLODataset
+
+    hyp = get_cfg(overrides={"imgsz": imgsz, "rect": True, "task": "detect"})
+    dataset = YOLODataset(
+        img_path=[str(p) for p in images] if isinstance(images, list) else str(images),
+        imgsz=imgsz,
+        batch_size=batch,
+        augment=False,
+        hyp=hyp,
+        rect=True,
+        cache=False,
+        stride=32,
+        pad=0.0,
+        prefix="",
+        task="detect",
+        data={"names": dict(enumerate(names)), "nc": len(names), "channels": 3},
+    )
+    dataset.batch_shapes[:] = dataset.batch_shapes.max(0)
+    return dataset
+
+
+def make_loader(dataset, batch: int, shuffle: bool, seed: int) -> DataLoader:
+    """In-process loader (``num_workers=0``) with its own seeded generator: the order depends on
+    ``seed`` only, whatever else the process has drawn from torch's global RNG."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=min(batch, len(dataset)),
+        shuffle=shuffle,
+        num_workers=0,
+        collate_fn=dataset.collate_fn,
+        generator=generator,
+    )
+
+
+def to_float(batch: dict, device: torch.device) -> dict:
+    batch["img"] = batch["img"].to(device).float() / 255.0
+    for key in ("batch_idx", "cls", "bboxes"):
+        batch[key] = batch[key].to(device)
+    return batch
+
+
+def random_hflip(batch: dict, generator: torch.Generator) -> dict:
+    """Flip a random half of the images left-right, labels with them (cheap, label-safe)."""
+    n = batch["img"].shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    if flip.any():
+        batch["img"][flip] = batch["img"][flip].flip(-1)
+        rows = flip[batch["batch_idx"].long().cpu()]
+        batch["bboxes"][rows, 0] = 1.0 - batch["bboxes"][rows, 0]
+    return batch
+
+
+def loss_items(items: dict | torch.Tensor) -> list[float]:
+    """box/cls/dfl from the criterion's detached items (a dict in Ultralytics 8.4, a tensor in 8.3)."""
+    values = list(items.values()) if isinstance(items, dict) else list(items)
+    return [float(v) for v in values[:3]]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def cosine_lr(base: float, step: int, total: int, floor: float = 0.05) -> float:
+    """Cosine decay from ``base`` to ``floor * base`` over ``total`` steps (rounds or epochs)."""
+    if total <= 1:
+        return base
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+def supervised_epoch(
+    model: nn.Module,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+    extra_loss: ExtraLoss | None = None,
+    frozen_backbone: bool = True,
+    device: torch.device = CPU,
+) -> dict[str, float]:
+    """One pass over labeled data; returns mean box/cls/dfl (and extra) losses."""
+    train_mode(model, frozen_backbone)
+    generator = torch.Generator().manual_seed(seed)
+    sums = np.zeros(4)
+    steps = 0
+    for batch in loader:
+        batch = random_hflip(to_float(batch, device), generator)
+        loss, items = model.loss(batch)
+        total = loss.sum()
+        extra = extra_loss(model) if extra_loss else None
+        if extra is not None:
+            total = total + extra
+            sums[3] += float(extra.detach())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        sums[:3] += loss_items(items)
+        steps += 1
+    mean = sums / max(steps, 1)
+    return {"box_loss": mean[0], "cls_loss": mean[1], "dfl_loss": mean[2], "extra_loss": mean[3], "steps": steps}

@@ -1,0 +1,121 @@
+"""The Strategy interface and the aggregation maths every method shares.
+
+The driver owns the round loop; a strategy answers its questions: which clients, with what
+settings, what trains and travels, what extra loss a client adds, how updates combine, and
+what the server does with its labeled data. ``FedAvg`` is this base class as it stands; a
+method is a subclass that overrides one or two hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from fedsim.model.detector import freeze_backbone, trainable_keys
+from fedsim.runtime.messages import ClientResult
+
+State = dict[str, np.ndarray]
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def weighted_average(states: list[State], weights: list[float]) -> State:
+    """Weighted mean of float entries; integer entries (BN batch counters) take the max."""
+    if not states:
+        raise ValueError("nothing to average")
+    w = np.asarray(weights, dtype=np.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+    w = w / w.sum()
+    out: State = {}
+    for key, first in states[0].items():
+        if np.issubdtype(first.dtype, np.floating):
+            acc = sum(wi * s[key].astype(np.float64) for wi, s in zip(w, states, strict=True))
+            out[key] = acc.astype(first.dtype)
+        else:
+            out[key] = np.max([s[key] for s in states], axis=0).astype(first.dtype)
+    return out
+
+
+def mix(a: State, b: State, alpha: float) -> State:
+    """``alpha * a + (1 - alpha) * b`` on float entries; integer entries are copied from ``a``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    out: State = {}
+    for key, va in a.items():
+        if np.issubdtype(va.dtype, np.floating):
+            out[key] = (alpha * va.astype(np.float64) + (1 - alpha) * b[key].astype(np.float64)).astype(va.dtype)
+        else:
+            out[key] = va.copy()
+    return out
+
+
+class Strategy:
+    """Alternate training (server supervised <-> clients unsupervised) with sample-weighted FedAvg."""
+
+    name: ClassVar[str] = "fedavg"
+    Params: ClassVar[type[BaseModel]] = NoParams
+    uses_clients: ClassVar[bool] = True
+
+    def __init__(self, params: BaseModel, cfg: Any):
+        self.params = params
+        self.cfg = cfg
+
+    # -- the model ---------------------------------------------------------------------------
+    def build_model(self, model: nn.Module) -> nn.Module:
+        """Shape the detector for this method (FedMox swaps the head); default: freeze the backbone."""
+        freeze_backbone(model)
+        return model
+
+    def travelling_keys(self, model: nn.Module, rnd: int) -> list[str]:
+        """State entries a client trains and sends back in round ``rnd``."""
+        return trainable_keys(model)
+
+    # -- the clients ---------------------------------------------------------------------------
+    def sample_clients(self, rnd: int, num_clients: int, rng: np.random.Generator) -> list[int]:
+        m = max(1, int(round(self.cfg.clients.sampling_rate * num_clients)))
+        return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
+
+    def client_settings(self, rnd: int) -> dict[str, Any]:
+        t = self.cfg.train
+        return {
+            "lr": t.client_lr or t.lr,
+            "weight_decay": t.weight_decay,
+            "epochs": t.client_epochs,
+            "batch": t.batch,
+            "conf_thres": t.conf_thres,
+            "nms_iou": t.nms_iou,
+            "ema_momentum": t.ema_momentum,
+            "unsup_weight": t.unsup_weight,
+        }
+
+    def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Extra loss a client adds to its own (FedProx: proximal term). ``received``: the global state."""
+        return None
+
+    # -- the server ---------------------------------------------------------------------------
+    def aggregate(self, global_state: State, results: list[ClientResult], rnd: int) -> State:
+        """Sample-weighted FedAvg over the entries clients sent; the rest keep the global value."""
+        merged = dict(global_state)
+        merged.update(weighted_average([r.update for r in results], [r.num_samples for r in results]))
+        return merged
+
+    def server_update(self, server: Any, rnd: int) -> dict[str, float]:
+        """The supervised server step after aggregation."""
+        return server.train_epochs(self.cfg.train.server_epochs, rnd)
+
+    def round_metrics(self, results: list[ClientResult]) -> dict[str, float]:
+        """Method-specific figures to log for a round (FedMox: routing fractions)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
