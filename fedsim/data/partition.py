@@ -1,0 +1,198 @@
+"""The PSSFL split: a labeled high-res server set, N unlabeled low-res client shards, a test set per domain.
+
+Input is a per-domain list of images (labels beside them by the Ultralytics convention
+``.../images/x.jpg`` -> ``.../labels/x.txt``), from the synthetic generator or a user's data set.
+
+Layout written (once, cached by a hash of source and split parameters)::
+
+    server/{images,labels}            server domains, labeled, full resolution
+    clients/client_000/images         one client domain, resized by client_scale, no labels
+    client_labels/client_000/labels   the clients' true labels, for the oracle upper bound only
+    test/<domain>/{images,labels}     server domains at full, client domains at client resolution
+    partition.json                    what is where (read by everything else)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fedsim.data.synthetic import SynthSpec, generate
+
+
+@dataclass(frozen=True)
+class ClientShard:
+    client_id: int
+    domain: str
+    images: Path
+    num_images: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    root: Path
+    names: list[str]
+    server_images: Path
+    server_imgsz: int
+    client_imgsz: int
+    clients: list[ClientShard]
+    test: dict[str, tuple[Path, int]]  # domain -> (images dir, imgsz)
+
+    @classmethod
+    def load(cls, root: Path) -> Partition:
+        meta = json.loads((root / "partition.json").read_text())
+        return cls(
+            root=root,
+            names=meta["names"],
+            server_images=root / "server" / "images",
+            server_imgsz=meta["server_imgsz"],
+            client_imgsz=meta["client_imgsz"],
+            clients=[ClientShard(c["id"], c["domain"], root / c["images"], c["n"]) for c in meta["clients"]],
+            test={d: (root / t["images"], t["imgsz"]) for d, t in meta["test"].items()},
+        )
+
+
+def label_path(image: Path) -> Path:
+    parts = list(image.parts)
+    i = len(parts) - 1 - parts[::-1].index("images")
+    parts[i] = "labels"
+    return Path(*parts).with_suffix(".txt")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _place(images: list[Path], out: Path, scale: float, labels_out: Path | None) -> tuple[int, int]:
+    """Copy (scale 1) or resize images into ``out/images``; labels (resolution-free) alongside."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    if labels_out is not None:
+        labels_out.mkdir(parents=True, exist_ok=True)
+    long_side = 0
+    for src in images:
+        dst = out / "images" / src.name
+        img = cv2.imread(str(src))
+        if img is None:
+            raise ValueError(f"data: cannot read image {src}")
+        h, w = round(img.shape[0] * scale), round(img.shape[1] * scale)
+        if scale == 1.0:
+            _link_or_copy(src, dst)
+        else:
+            cv2.imwrite(str(dst), cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        long_side = max(long_side, h, w)
+        if labels_out is not None:
+            _link_or_copy(label_path(src), labels_out / (src.stem + ".txt"))
+    return len(images), long_side
+
+
+def _round32(n: int) -> int:
+    return max(32, int(np.ceil(n / 32) * 32))
+
+
+def build_partition(
+    domain_images: dict[str, list[Path]],
+    names: list[str],
+    out_root: Path,
+    server_domains: list[str],
+    client_domains: list[str],
+    num_clients: int,
+    server_images: int,
+    client_images: int,
+    test_images: int,
+    client_scale: float,
+    seed: int,
+    source_key: str,
+) -> Partition:
+    params = dict(source=source_key, server=server_domains, clients=client_domains, n=num_clients,
+                  ns=server_images, nc=client_images, nt=test_images, scale=client_scale, seed=seed, names=names)
+    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(out_root) / f"pssfl-{key}"
+    if (root / "partition.json").exists():
+        return Partition.load(root)
+
+    missing = [d for d in server_domains + client_domains if d not in domain_images]
+    if missing:
+        raise ValueError(f"data: domain(s) {missing} not in the data set; it has {sorted(domain_images)}")
+    rng = np.random.default_rng(seed)
+    pools = {d: [domain_images[d][i] for i in rng.permutation(len(domain_images[d]))]
+             for d in server_domains + client_domains}
+    per_server_domain = -(-server_images // len(server_domains))
+    for d, pool in pools.items():
+        need = test_images + (per_server_domain if d in server_domains else client_images)
+        if len(pool) < need:
+            raise ValueError(f"data: domain {d!r} has {len(pool)} images, the split needs {need} "
+                             f"({test_images} test + the rest for {'server' if d in server_domains else 'clients'})")
+
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta: dict = {"names": names, "params": params, "clients": [], "test": {}}
+    server_pick = [img for d in server_domains for img in pools[d][test_images:test_images + per_server_domain]]
+    _, server_long = _place(server_pick[:server_images], tmp / "server", 1.0, tmp / "server" / "labels")
+    meta["server_imgsz"] = _round32(server_long)
+
+    client_long = 0
+    members = {d: [i for i in range(num_clients) if client_domains[i % len(client_domains)] == d]
+               for d in client_domains}
+    for d, ids in members.items():
+        pool = pools[d][test_images:test_images + client_images]
+        for shard_i, cid in enumerate(ids):
+            shard = pool[shard_i::len(ids)] if ids else []
+            name = f"client_{cid:03d}"
+            n, long_side = _place(shard, tmp / "clients" / name, client_scale,
+                                  tmp / "client_labels" / name / "labels")
+            client_long = max(client_long, long_side)
+            meta["clients"].append({"id": cid, "domain": d, "images": f"clients/{name}/images", "n": n})
+    meta["clients"].sort(key=lambda c: c["id"])
+    meta["client_imgsz"] = _round32(client_long)
+
+    for d in server_domains + client_domains:
+        scale = 1.0 if d in server_domains else client_scale
+        out = tmp / "test" / d
+        _, long_side = _place(pools[d][:test_images], out, scale, out / "labels")
+        meta["test"][d] = {"images": f"test/{d}/images", "imgsz": _round32(long_side)}
+
+    (tmp / "partition.json").write_text(json.dumps(meta, indent=1))
+    if root.exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(root)
+        write_data_yaml(root, meta)
+    return Partition.load(root)
+
+
+def write_data_yaml(root: Path, meta: dict) -> None:
+    """An Ultralytics data YAML with absolute paths and no download key (usable by ``yolo val``)."""
+    import yaml
+
+    doc = {
+        "path": str(root.resolve()),
+        "train": "server/images",
+        "val": [t["images"] for t in meta["test"].values()],
+        "names": dict(enumerate(meta["names"])),
+        "clients": {c["id"]: {"domain": c["domain"], "images": c["images"]} for c in meta["clients"]},
+        "test_domains": {d: t["images"] for d, t in meta["test"].items()},
+    }
+    (root / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def synthetic_partition(data, num_clients: int, cache_root: Path) -> Partition:
+    """Generate exactly the images the split needs, then split them."""
+    per_server = -(-data.server_images // len(data.server_domains))
+    counts = {d: data.test_images + per_server for d in data.server_domains}
+    counts.update({d: data.test_images + data.client_images for d in data.client_domains})
+    spec = SynthSpec(images_per_domain=counts, width=data.width, height=data.height, seed=data.seed)
+    source = generate(spec, cache_root)
+    domain_images = {d: sorted((source / d / "images").glob("*.jpg")) for d in counts}
+    return build_partition(domain_images, data.classes, cache_root, data.server_domains, data.client_domains,
+                           num_clients, data.server_images, data.client_images, data.test_images,
+                           data.client_scale, data.seed, source_key=spec.key())
