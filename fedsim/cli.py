@@ -76,7 +76,11 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address="auto", logging_level=logging.WARNING)
+        # Inside `ray job submit` (or pointed at a cluster): join it; these variables are merged
+        # into the job's runtime env so every worker starts offline.
+        ray.init(
+            address="auto", logging_level=logging.WARNING, runtime_env={"env_vars": _not_in_job_env(offline_env())}
+        )
     else:
         ray.init(
             address="local",
@@ -85,6 +89,15 @@ def init_ray() -> None:
             logging_level=logging.WARNING,
             runtime_env={"env_vars": offline_env()},
         )
+
+
+def _not_in_job_env(env: dict[str, str]) -> dict[str, str]:
+    """Ray refuses to merge a key the submitted job's runtime env already sets; the job's value wins."""
+    import json
+
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    taken = ((job.get("runtime_env") or {}).get("env_vars") or {}).keys()
+    return {k: v for k, v in env.items() if k not in taken}
 
 
 def new_run_dir(cfg, resume: bool) -> Path:
@@ -122,7 +135,7 @@ def simulate(cfg, resume: bool = False, stop_after: int | None = None, echo=prin
     init_ray()
     domains = list(partition.test)
     driver = DriverActor.options(num_cpus=0).remote(
-        cfg.model_dump(mode="json"), str(run_dir), str(partition.root), weights, uri, resume
+        cfg.model_dump(mode="json"), str(run_dir), str(partition.root), weights, uri, resume, stop_after
     )
     last: dict = {}
     for ref in driver.run.remote():
@@ -130,12 +143,10 @@ def simulate(cfg, resume: bool = False, stop_after: int | None = None, echo=prin
         if rec["event"] == "round":
             echo(format_round(rec, domains, cfg.rounds))
             last = rec
-            if stop_after is not None and rec["round"] >= stop_after:
-                echo(f"stopping after round {rec['round']} (--stop-after); resume with --resume")
-                ray.kill(driver)
-                return last
         elif rec["event"] == "resumed":
             echo(f"resumed {run_dir.name} after round {rec['round']}")
+        elif rec["event"] == "stopped":
+            echo(f"stopped after round {rec['round']} (--stop-after); continue with --resume")
         elif rec["event"] == "done":
             echo(f"done: {run_dir}  (MLflow run {rec['run_id']} at {uri})")
             last = {**last, **rec}

@@ -61,9 +61,7 @@ def convert_bdd100k(
     class_index = build_class_index(classes, category_map, BDD100K_CATEGORY_MAP)
     raw = _load_frames(labels_json)
     if raw and not any(domain_key in (f.get("attributes") or {}) for f in raw):
-        raise ValueError(
-            f"{labels_json}: no frame has attribute {domain_key!r} (BDD100K has {BDD100K_DOMAIN_KEYS})"
-        )
+        raise ValueError(f"{labels_json}: no frame has attribute {domain_key!r} (BDD100K has {BDD100K_DOMAIN_KEYS})")
     prepare_out_dir(out_dir)
     report = ConversionReport(
         source=str(labels_json), out_dir=str(out_dir), domain_key=domain_key, classes=list(classes)

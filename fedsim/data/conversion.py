@@ -108,8 +108,7 @@ class ConversionReport:
     def summary(self) -> str:
         """A few human-readable lines for logs and the CLI."""
         domains = ", ".join(
-            f"{d}: {n} frames / {self.boxes_per_domain[d]} boxes"
-            for d, n in sorted(self.frames_per_domain.items())
+            f"{d}: {n} frames / {self.boxes_per_domain[d]} boxes" for d, n in sorted(self.frames_per_domain.items())
         )
         unknown = ", ".join(f"{name} x{n}" for name, n in self.unknown_categories.most_common()) or "none"
         lines = [

@@ -113,8 +113,18 @@ def build_partition(
     seed: int,
     source_key: str,
 ) -> Partition:
-    params = dict(source=source_key, server=server_domains, clients=client_domains, n=num_clients,
-                  ns=server_images, nc=client_images, nt=test_images, scale=client_scale, seed=seed, names=names)
+    params = dict(
+        source=source_key,
+        server=server_domains,
+        clients=client_domains,
+        n=num_clients,
+        ns=server_images,
+        nc=client_images,
+        nt=test_images,
+        scale=client_scale,
+        seed=seed,
+        names=names,
+    )
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(out_root) / f"pssfl-{key}"
     if (root / "partition.json").exists():
@@ -124,32 +134,36 @@ def build_partition(
     if missing:
         raise ValueError(f"data: domain(s) {missing} not in the data set; it has {sorted(domain_images)}")
     rng = np.random.default_rng(seed)
-    pools = {d: [domain_images[d][i] for i in rng.permutation(len(domain_images[d]))]
-             for d in server_domains + client_domains}
+    pools = {
+        d: [domain_images[d][i] for i in rng.permutation(len(domain_images[d]))]
+        for d in server_domains + client_domains
+    }
     per_server_domain = -(-server_images // len(server_domains))
     for d, pool in pools.items():
         need = test_images + (per_server_domain if d in server_domains else client_images)
         if len(pool) < need:
-            raise ValueError(f"data: domain {d!r} has {len(pool)} images, the split needs {need} "
-                             f"({test_images} test + the rest for {'server' if d in server_domains else 'clients'})")
+            raise ValueError(
+                f"data: domain {d!r} has {len(pool)} images, the split needs {need} "
+                f"({test_images} test + the rest for {'server' if d in server_domains else 'clients'})"
+            )
 
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     meta: dict = {"names": names, "params": params, "clients": [], "test": {}}
-    server_pick = [img for d in server_domains for img in pools[d][test_images:test_images + per_server_domain]]
+    server_pick = [img for d in server_domains for img in pools[d][test_images : test_images + per_server_domain]]
     _, server_long = _place(server_pick[:server_images], tmp / "server", 1.0, tmp / "server" / "labels")
     meta["server_imgsz"] = _round32(server_long)
 
     client_long = 0
-    members = {d: [i for i in range(num_clients) if client_domains[i % len(client_domains)] == d]
-               for d in client_domains}
+    members = {
+        d: [i for i in range(num_clients) if client_domains[i % len(client_domains)] == d] for d in client_domains
+    }
     for d, ids in members.items():
-        pool = pools[d][test_images:test_images + client_images]
+        pool = pools[d][test_images : test_images + client_images]
         for shard_i, cid in enumerate(ids):
-            shard = pool[shard_i::len(ids)] if ids else []
+            shard = pool[shard_i :: len(ids)] if ids else []
             name = f"client_{cid:03d}"
-            n, long_side = _place(shard, tmp / "clients" / name, client_scale,
-                                  tmp / "client_labels" / name / "labels")
+            n, long_side = _place(shard, tmp / "clients" / name, client_scale, tmp / "client_labels" / name / "labels")
             client_long = max(client_long, long_side)
             meta["clients"].append({"id": cid, "domain": d, "images": f"clients/{name}/images", "n": n})
     meta["clients"].sort(key=lambda c: c["id"])
@@ -193,6 +207,17 @@ def synthetic_partition(data, num_clients: int, cache_root: Path) -> Partition:
     spec = SynthSpec(images_per_domain=counts, width=data.width, height=data.height, seed=data.seed)
     source = generate(spec, cache_root)
     domain_images = {d: sorted((source / d / "images").glob("*.jpg")) for d in counts}
-    return build_partition(domain_images, data.classes, cache_root, data.server_domains, data.client_domains,
-                           num_clients, data.server_images, data.client_images, data.test_images,
-                           data.client_scale, data.seed, source_key=spec.key())
+    return build_partition(
+        domain_images,
+        data.classes,
+        cache_root,
+        data.server_domains,
+        data.client_domains,
+        num_clients,
+        data.server_images,
+        data.client_images,
+        data.test_images,
+        data.client_scale,
+        data.seed,
+        source_key=spec.key(),
+    )

@@ -56,23 +56,63 @@ DOMAINS: dict[str, DomainStyle] = {
         (0.3, 0.15, 0.15, 0.2, 0.2), (3, 9), (235, 200, 150), contrast=1.05, saturation=1.2, jitter=0.35
     ),
     "cloudy": DomainStyle(
-        (0.45, 0.12, 0.08, 0.2, 0.15), (8, 16), (200, 195, 185), contrast=0.75, saturation=0.75, fog=0.25, noise=5,
+        (0.45, 0.12, 0.08, 0.2, 0.15),
+        (8, 16),
+        (200, 195, 185),
+        contrast=0.75,
+        saturation=0.75,
+        fog=0.25,
+        noise=5,
     ),
     "overcast": DomainStyle(
-        (0.5, 0.15, 0.1, 0.12, 0.13), (8, 16), (165, 165, 160), contrast=0.7, brightness=-10, saturation=0.55,
-        fog=0.3, fog_colour=(170, 170, 168), noise=5, tint=(1.05, 1.0, 0.95),
+        (0.5, 0.15, 0.1, 0.12, 0.13),
+        (8, 16),
+        (165, 165, 160),
+        contrast=0.7,
+        brightness=-10,
+        saturation=0.55,
+        fog=0.3,
+        fog_colour=(170, 170, 168),
+        noise=5,
+        tint=(1.05, 1.0, 0.95),
     ),
     "rainy": DomainStyle(
-        (0.55, 0.18, 0.12, 0.05, 0.1), (8, 16), (120, 118, 112), contrast=0.7, brightness=-25, saturation=0.6,
-        fog=0.25, fog_colour=(130, 130, 128), rain=180, noise=6, tint=(1.1, 1.0, 0.92),
+        (0.55, 0.18, 0.12, 0.05, 0.1),
+        (8, 16),
+        (120, 118, 112),
+        contrast=0.7,
+        brightness=-25,
+        saturation=0.6,
+        fog=0.25,
+        fog_colour=(130, 130, 128),
+        rain=180,
+        noise=6,
+        tint=(1.1, 1.0, 0.92),
     ),
     "snowy": DomainStyle(
-        (0.4, 0.3, 0.1, 0.08, 0.12), (8, 16), (225, 225, 230), contrast=0.75, brightness=15, saturation=0.5,
-        fog=0.2, fog_colour=(235, 235, 240), snow=220, snow_ground=0.35, noise=5, tint=(1.08, 1.0, 0.95),
+        (0.4, 0.3, 0.1, 0.08, 0.12),
+        (8, 16),
+        (225, 225, 230),
+        contrast=0.75,
+        brightness=15,
+        saturation=0.5,
+        fog=0.2,
+        fog_colour=(235, 235, 240),
+        snow=220,
+        snow_ground=0.35,
+        noise=5,
+        tint=(1.08, 1.0, 0.95),
     ),
     "night": DomainStyle(
-        (0.6, 0.1, 0.05, 0.1, 0.15), (8, 16), (60, 35, 25), contrast=0.7, brightness=-45, saturation=0.6,
-        noise=10, night=True, tint=(1.1, 0.95, 0.85),
+        (0.6, 0.1, 0.05, 0.1, 0.15),
+        (8, 16),
+        (60, 35, 25),
+        contrast=0.7,
+        brightness=-45,
+        saturation=0.6,
+        noise=10,
+        night=True,
+        tint=(1.1, 0.95, 0.85),
     ),
 }
 
@@ -97,8 +137,16 @@ def _rand_colour(rng: np.random.Generator, lo: int = 30, hi: int = 230) -> tuple
 
 
 def _vehicle_colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    palette = [(40, 40, 200), (200, 60, 30), (230, 230, 230), (30, 30, 30), (60, 160, 60), (0, 200, 230),
-               (140, 140, 140), (120, 60, 150)]
+    palette = [
+        (40, 40, 200),
+        (200, 60, 30),
+        (230, 230, 230),
+        (30, 30, 30),
+        (60, 160, 60),
+        (0, 200, 230),
+        (140, 140, 140),
+        (120, 60, 150),
+    ]
     base = np.array(palette[int(rng.integers(len(palette)))], float)
     return tuple(int(c) for c in np.clip(base + rng.normal(0, 18, 3), 0, 255))
 
@@ -159,7 +207,9 @@ def _draw_clutter(img: np.ndarray, rng: np.random.Generator, horizon: int, vx: i
         kind = int(rng.integers(3))
         colour = _rand_colour(rng, 40, 220)
         if kind == 0:  # box or bin
-            cv2.rectangle(img, (cx - int(size * 0.4), bottom - int(size * 0.6)), (cx + int(size * 0.4), bottom), colour, -1)
+            cv2.rectangle(
+                img, (cx - int(size * 0.4), bottom - int(size * 0.6)), (cx + int(size * 0.4), bottom), colour, -1
+            )
         elif kind == 1:  # lamp post
             cv2.line(img, (cx, bottom), (cx, bottom - int(size * 2.5)), (80, 80, 80), max(1, int(size / 8)))
             cv2.circle(img, (cx, bottom - int(size * 2.5)), max(1, int(size / 5)), (200, 230, 240), -1)
@@ -174,7 +224,9 @@ def _draw_car(img, x0, y0, x1, y1, rng):
     bh = y1 - y0
     cv2.rectangle(img, (x0, y0 + bh // 3), (x1, y1 - bh // 6), body, -1)
     inset = (x1 - x0) // 6
-    cabin = np.array([[x0 + inset, y0 + bh // 3], [x0 + inset * 2, y0], [x1 - inset * 2, y0], [x1 - inset, y0 + bh // 3]])
+    cabin = np.array(
+        [[x0 + inset, y0 + bh // 3], [x0 + inset * 2, y0], [x1 - inset * 2, y0], [x1 - inset, y0 + bh // 3]]
+    )
     cv2.fillPoly(img, [cabin], tuple(int(c * 0.8) for c in body))
     cv2.rectangle(img, (x0 + inset * 2, y0 + bh // 12), (x1 - inset * 2, y0 + bh // 3 - 1), (90, 70, 60), -1)
     r = max(1, bh // 6)
@@ -238,7 +290,9 @@ def _draw_sign(img, x0, y0, x1, y1, rng):
     elif kind == 1:
         tri = np.array([[cx, y0], [x1, y1], [x0, y1]])
         cv2.fillPoly(img, [tri], (30, 30, 220))
-        inner = np.array([[cx, y0 + (y1 - y0) // 3], [x1 - bw // 4, y1 - (y1 - y0) // 8], [x0 + bw // 4, y1 - (y1 - y0) // 8]])
+        inner = np.array(
+            [[cx, y0 + (y1 - y0) // 3], [x1 - bw // 4, y1 - (y1 - y0) // 8], [x0 + bw // 4, y1 - (y1 - y0) // 8]]
+        )
         cv2.fillPoly(img, [inner], (240, 240, 240))
     else:
         cv2.rectangle(img, (x0, y0), (x1, y1), (170, 90, 20), -1)
@@ -291,8 +345,9 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
     return iw * ih / max(smaller, 1e-6)
 
 
-def _apply_weather(img: np.ndarray, rng: np.random.Generator, style: DomainStyle, horizon: int,
-                   boxes: list[tuple[int, np.ndarray]]) -> np.ndarray:
+def _apply_weather(
+    img: np.ndarray, rng: np.random.Generator, style: DomainStyle, horizon: int, boxes: list[tuple[int, np.ndarray]]
+) -> np.ndarray:
     h, w = img.shape[:2]
     out = img.astype(np.float32)
     if style.night:
@@ -303,8 +358,13 @@ def _apply_weather(img: np.ndarray, rng: np.random.Generator, style: DomainStyle
                 for lx in (x0 + r, x1 - r):
                     cv2.circle(out, (int(lx), int((y0 + y1) / 2)), r, (60, 60, 255), -1)
         for _ in range(int(rng.integers(2, 6))):
-            cv2.circle(out, (int(rng.integers(0, w)), int(rng.integers(0, horizon + 1))), int(rng.integers(2, 6)),
-                       (120, 220, 255), -1)
+            cv2.circle(
+                out,
+                (int(rng.integers(0, w)), int(rng.integers(0, horizon + 1))),
+                int(rng.integers(2, 6)),
+                (120, 220, 255),
+                -1,
+            )
     grey = out.mean(axis=2, keepdims=True)
     out = grey + (out - grey) * np.float32(style.saturation)
     contrast, brightness = style.contrast, style.brightness
@@ -352,8 +412,10 @@ def render(domain: str, index: int, seed: int, width: int, height: int) -> tuple
         DRAW[cls](img, int(x0), int(y0), int(x1), int(y1), rng)
     img = _apply_weather(img, rng, style, horizon, boxes)
     labels = np.array(
-        [[c, (b[0] + b[2]) / 2 / width, (b[1] + b[3]) / 2 / height, (b[2] - b[0]) / width, (b[3] - b[1]) / height]
-         for c, b in boxes],
+        [
+            [c, (b[0] + b[2]) / 2 / width, (b[1] + b[3]) / 2 / height, (b[2] - b[0]) / width, (b[3] - b[1]) / height]
+            for c, b in boxes
+        ],
         np.float64,
     ).reshape(-1, 5)
     return img, labels

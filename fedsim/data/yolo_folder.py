@@ -196,9 +196,7 @@ def _folder_entries(root: Path, problems: list[tuple[Path, str]]) -> list[tuple[
     return entries
 
 
-def _manifest_entries(
-    root: Path, manifest: Path, problems: list[tuple[Path, str]]
-) -> list[tuple[Path, str, str]]:
+def _manifest_entries(root: Path, manifest: Path, problems: list[tuple[Path, str]]) -> list[tuple[Path, str, str]]:
     """``(image, domain, split)`` per manifest row; bad rows go to ``problems``."""
     manifest = Path(manifest)
     if not manifest.is_file():

@@ -50,6 +50,9 @@ class Simulation:
         weights: str | None,
         tracking_uri: str,
         resume: bool = False,
+        extra_tags: dict[str, str] | None = None,
+        pool_size: int | None = None,
+        stop_after: int | None = None,
     ):
         from strategies import build as build_strategy
 
@@ -64,13 +67,18 @@ class Simulation:
         self.server = ServerTrainer(self.model, self.partition, cfg)
         self.tracking_uri = tracking_uri
         self.history: list[dict[str, float]] = []
+        self.extra_tags = extra_tags or {}
+        self.fixed_pool_size = pool_size  # e.g. a Tune trial that reserved its bundles
+        self.stop_after = stop_after  # end early, as a killed run would, leaving the MLflow run unfinished
         self.pool: ActorPool | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def _start_pool(self) -> None:
         profile = PROFILES[self.cfg.clients.profile]
         per_round = max(1, int(round(self.cfg.clients.sampling_rate * self.cfg.clients.num_clients)))
-        n = pool_size(profile, ray.available_resources(), per_round, self.cfg.clients.max_actors)
+        n = self.fixed_pool_size or pool_size(
+            profile, ray.available_resources(), per_round, self.cfg.clients.max_actors
+        )
         # The whole model (frozen backbone included) travels once, when the pool starts.
         full = ray.put(get_state(self.model, list(self.model.state_dict())))
         spec = model_spec(self.model)
@@ -96,6 +104,7 @@ class Simulation:
         }
         job_id = ray.get_runtime_context().get_job_id()
         tags["ray_job_id"] = job_id or ""
+        tags.update(self.extra_tags)
         self.tracker = Tracker(
             self.tracking_uri,
             cfg.tracking.experiment,
@@ -196,6 +205,10 @@ class Simulation:
             self._start_pool()
         for rnd in range(start_round + 1, self.cfg.rounds + 1):
             yield {"event": "round", **self._record(rnd, self._one_round(rnd))}
+            if self.stop_after is not None and rnd >= self.stop_after:
+                self.tracker.finish("KILLED")
+                yield {"event": "stopped", "round": rnd}
+                return
         final = self.run_dir / "final_state.npz"
         np.savez(final, **get_state(self.model))
         self.tracker.log_artifact(final)
@@ -236,10 +249,19 @@ class Simulation:
 @ray.remote(max_restarts=0)
 class DriverActor:
     def __init__(
-        self, cfg_dict: dict, run_dir: str, partition_root: str, weights: str | None, tracking_uri: str, resume: bool
+        self,
+        cfg_dict: dict,
+        run_dir: str,
+        partition_root: str,
+        weights: str | None,
+        tracking_uri: str,
+        resume: bool,
+        stop_after: int | None = None,
     ):
         cfg = ExperimentConfig.model_validate(cfg_dict)
-        self.sim = Simulation(cfg, Path(run_dir), Path(partition_root), weights, tracking_uri, resume)
+        self.sim = Simulation(
+            cfg, Path(run_dir), Path(partition_root), weights, tracking_uri, resume, stop_after=stop_after
+        )
 
     def run(self):
         yield from self.sim.run()

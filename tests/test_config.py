@@ -1,0 +1,62 @@
+import subprocess
+
+import pytest
+import yaml
+
+from fedsim.config import ConfigError, ExperimentConfig, load, parse
+from tests.conftest import REPO, TINY, run_fedsim
+
+
+def test_every_bad_field_is_named_in_one_error(tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["strategy"] = {"name": "fedmagic"}
+    raw["clients"]["sampling_rate"] = 1.5
+    raw["model"]["weights"] = str(tmp_path / "missing.pt")
+    raw["train"]["learning_rate"] = 0.1
+    with pytest.raises(ConfigError) as err:
+        parse(raw)
+    msg = str(err.value)
+    assert "clients.sampling_rate must be in (0, 1], got 1.5" in msg
+    assert "strategy.name: unknown strategy 'fedmagic'; valid: " in msg and "fedavg" in msg
+    assert "model.weights" in msg and "missing.pt" in msg
+    assert "train.learning_rate: unknown key" in msg
+    assert all(line.startswith("fedsim: config error: ") for line in msg.splitlines())
+    assert len(msg.splitlines()) == 4
+
+
+def test_overrides_and_strategy_params_are_validated():
+    cfg = load(TINY, ["rounds=7", "train.lr=0.01", "data.client_domains=[rainy]"])
+    assert (cfg.rounds, cfg.train.lr, cfg.data.client_domains) == (7, 0.01, ["rainy"])
+    with pytest.raises(ConfigError, match="strategy.params.mu: unknown parameter for fedavg"):
+        load(TINY, ["strategy.params.mu=0.1"])
+    with pytest.raises(ConfigError, match="unknown synthetic domain"):
+        load(TINY, ["data.client_domains=[sunny_mars]"])
+
+
+def test_config_key_ignores_tracking_only():
+    a = ExperimentConfig()
+    b = ExperimentConfig.model_validate({"tracking": {"experiment": "other"}})
+    c = ExperimentConfig.model_validate({"seed": 1})
+    assert a.key() == b.key() != c.key()
+
+
+def test_cli_rejects_bad_config_before_starting_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("sampling_rate: 1.0", "sampling_rate: 1.5"))
+    result = run_fedsim(["run", str(bad), "--set", "strategy.name=nope"], cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "clients.sampling_rate must be in (0, 1], got 1.5" in result.stderr
+    assert "strategy.name: unknown strategy 'nope'" in result.stderr
+    assert not (tmp_path / "runs").exists()
+    ray_procs = subprocess.run(["pgrep", "-f", f"raylet.*{tmp_path}"], capture_output=True)
+    assert ray_procs.returncode == 1
+
+
+def test_shipped_configs_are_valid():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if "space" in raw or "base" in raw:  # sweep files name a base experiment instead
+            continue
+        if (raw.get("data") or {}).get("format") == "yolo":
+            continue  # point at data sets a user brings
+        load(path)
