@@ -9,6 +9,10 @@ import time
 from pathlib import Path
 
 
+class RunFailed(RuntimeError):
+    """A simulation that stopped with an error (its finished rounds are kept)."""
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(message, file=sys.stderr)
     return code
@@ -139,7 +143,10 @@ def simulate(cfg, resume: bool = False, stop_after: int | None = None, echo=prin
     )
     last: dict = {}
     for ref in driver.run.remote():
-        rec = ray.get(ref)
+        try:
+            rec = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            raise RunFailed(f"fedsim: run failed: {exc.cause if exc.cause else exc}") from exc
         if rec["event"] == "round":
             echo(format_round(rec, domains, cfg.rounds))
             last = rec
@@ -160,7 +167,10 @@ def cmd_run(args) -> int:
         cfg = load(args.config, args.set)
     except ConfigError as exc:
         return _fail(str(exc))
-    simulate(cfg, resume=args.resume, stop_after=args.stop_after)
+    try:
+        simulate(cfg, resume=args.resume, stop_after=args.stop_after)
+    except RunFailed as exc:
+        return _fail(str(exc), code=1)
     return 0
 
 

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 # name -> "module:Class"; add a method by adding one line here and one file beside this one.
 STRATEGIES: dict[str, str] = {
     "fedavg": "strategies.fedavg:FedAvg",
+    "fedmox": "strategies.fedmox:FedMox",
 }
 
 

@@ -110,8 +110,18 @@ class Strategy:
         """The supervised server step after aggregation."""
         return server.train_epochs(self.cfg.train.server_epochs, rnd)
 
-    def round_metrics(self, results: list[ClientResult]) -> dict[str, float]:
-        """Method-specific figures to log for a round (FedMox: routing fractions)."""
+    def on_start(self, server: Any) -> None:
+        """Called once before the warm-up of a new run (not on resume)."""
+
+    def client_begin(self, model: nn.Module) -> None:
+        """Called in the client actor before its local training."""
+
+    def client_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Figures a client reports besides its losses (FedMox: routing counts)."""
+        return {}
+
+    def round_metrics(self, results: list[ClientResult], domains: dict[int, str]) -> dict[str, float]:
+        """Method-specific figures to log for a round, given each client's domain."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

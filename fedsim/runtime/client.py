@@ -61,6 +61,7 @@ class ClientWorker:
             p.requires_grad_(name in trainable and ".dfl." not in name)
         received = {k: torch.from_numpy(np.array(v)) for k, v in global_state.items()}
         dataset = build_dataset(job.images, job.imgsz, self.cfg.data.classes, s["batch"])
+        self.strategy.client_begin(model)
         with PeakMemory() as mem:
             teacher = EMATeacher(model, s["ema_momentum"], keys)
             optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
@@ -79,6 +80,7 @@ class ClientWorker:
                     extra_loss=partial(self.strategy.client_loss_terms, received=received),
                 )
             del teacher, optimizer
+        metrics.update(self.strategy.client_metrics(model))
         update = get_state(model, keys)
         bytes_down = sum(v.nbytes for v in global_state.values())
         metrics.update(

@@ -194,6 +194,7 @@ class Simulation:
         else:
             self._open_tracker(None)
             t0 = time.perf_counter()
+            self.strategy.on_start(self.server)
             losses = self.server.warmup(self.cfg.train.warmup_epochs)
             metrics = {
                 **self.server.evaluate(),
@@ -238,7 +239,8 @@ class Simulation:
                     "bytes_down": state_nbytes(global_state) * (len(results) + len(failures)),
                 }
             )
-            metrics.update(self.strategy.round_metrics(results))
+            domains = {c.client_id: c.domain for c in self.partition.clients}
+            metrics.update(self.strategy.round_metrics(results, domains))
         server_losses = self.strategy.server_update(self.server, rnd)
         metrics.update({f"server/{k}": v for k, v in server_losses.items()})
         metrics.update(self.server.evaluate())

@@ -30,6 +30,9 @@ class ServerTrainer:
         self.extra_loss: ExtraLoss | None = None
         self.frozen_backbone = True
 
+    def loader(self, shuffle: bool = True, seed: int = 0):
+        return make_loader(self.dataset, self.train_cfg.batch, shuffle=shuffle, seed=seed)
+
     @property
     def num_samples(self) -> int:
         return len(self.dataset)

@@ -1,0 +1,118 @@
+"""FedMox: a sparse spatial mixture-of-experts head plus Soft-Mixture aggregation.
+
+- ``build_model`` swaps the dense Detect head for ``MoEDetect`` (K experts, one 1x1 spatial router
+  per level, top-1 per location; see ``fedsim/model/moe.py``), so one module serves the server's
+  high-res and the clients' low-res images.
+- ``aggregate`` is Soft-Mixture: ``w_mix = alpha * w_t + (1 - alpha) * FedAvg(clients)`` over every
+  exchanged float tensor (neck, experts, routers); integer buffers are copied. alpha = 0 is FedAvg,
+  alpha = 1 ignores the clients. The server's supervised epoch follows (base ``server_update``).
+- Optional expert-usage weighting: each expert's slice is averaged with client weights
+  ``n_i * share of locations client i routed to that expert``, so an expert a client never used is
+  not pulled toward that client's untouched copy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from fedsim.model.detector import freeze_backbone
+from fedsim.model.moe import calibrate_model_routers, convert_to_moe, moe_aux_loss, moe_head
+from fedsim.runtime.messages import ClientResult
+from strategies.base import State, Strategy, mix
+
+
+class FedMoxParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_experts: int = Field(4, ge=1, le=16)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    balance_coef: float = Field(0.0, ge=0.0)
+    init_noise: float = Field(0.01, ge=0.0)
+    router: Literal["spatial", "global"] = "spatial"
+    usage_weighting: bool = False
+
+
+def _expert_keys(state: State) -> list[str]:
+    return [k for k in state if "_experts." in k]
+
+
+class FedMox(Strategy):
+    name = "fedmox"
+    Params = FedMoxParams
+
+    def build_model(self, model: nn.Module) -> nn.Module:
+        p = self.params
+        hw = (self.cfg.data.height, self.cfg.data.width)
+        convert_to_moe(model, p.num_experts, p.balance_coef, p.init_noise, router=p.router, input_hw=hw)
+        freeze_backbone(model)
+        return model
+
+    def on_start(self, server) -> None:
+        # Centre the router logits on real server features so routing starts spread out.
+        batch = next(iter(server.loader(shuffle=False)))
+        calibrate_model_routers(server.model, batch["img"].float() / 255.0)
+        server.extra_loss = self.extra_loss
+        if self.params.router == "global":
+            # The flattened router only fits the server's resolution: fail now, with its own
+            # message, rather than after the warm-up (see configs/ablation_global_router.yaml).
+            with torch.no_grad():
+                for loader in server.test_loaders.values():
+                    server.model.eval()(next(iter(loader))["img"].float() / 255.0)
+
+    def server_update(self, server, rnd: int) -> dict[str, float]:
+        head = moe_head(server.model)
+        head.reset_routing_stats()
+        out = super().server_update(server, rnd)
+        fractions = head.routing_fractions().tolist()
+        return {**out, **{f"routing/expert_{k}": f for k, f in enumerate(fractions)}}
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        return moe_aux_loss(model) if self.params.balance_coef > 0 else None
+
+    def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return self.extra_loss(model)
+
+    def client_begin(self, model: nn.Module) -> None:
+        moe_head(model).reset_routing_stats()
+
+    def client_metrics(self, model: nn.Module) -> dict[str, float]:
+        counts = moe_head(model).routing_counts.tolist()
+        return {f"routing/count_{k}": float(c) for k, c in enumerate(counts)}
+
+    def aggregate(self, global_state: State, results: list[ClientResult], rnd: int) -> State:
+        averaged = super().aggregate(global_state, results, rnd)
+        if self.params.usage_weighting:
+            averaged.update(self._usage_weighted_experts(global_state, results))
+        return mix(global_state, averaged, self.params.alpha)
+
+    def _usage_weighted_experts(self, global_state: State, results: list[ClientResult]) -> State:
+        k = self.params.num_experts
+        usage = np.array([[r.metrics.get(f"routing/count_{e}", 0.0) for e in range(k)] for r in results])
+        share = usage / np.maximum(usage.sum(1, keepdims=True), 1)
+        weights = share * np.array([r.num_samples for r in results], float)[:, None]  # (clients, K)
+        out: State = {}
+        for key in _expert_keys(global_state):
+            merged = global_state[key].astype(np.float64).copy()
+            for e in range(k):
+                if weights[:, e].sum() > 0:
+                    w = weights[:, e] / weights[:, e].sum()
+                    merged[e] = sum(wi * r.update[key][e].astype(np.float64) for wi, r in zip(w, results, strict=True))
+            out[key] = merged.astype(global_state[key].dtype)
+        return out
+
+    def round_metrics(self, results: list[ClientResult], domains: dict[int, str]) -> dict[str, float]:
+        """Fraction of locations each client domain routed to each expert in this round."""
+        k = self.params.num_experts
+        per_domain: dict[str, np.ndarray] = {}
+        for r in results:
+            counts = np.array([r.metrics.get(f"routing/count_{e}", 0.0) for e in range(k)])
+            per_domain[domains[r.client_id]] = per_domain.get(domains[r.client_id], 0) + counts
+        out = {}
+        for domain, counts in per_domain.items():
+            for e, c in enumerate(counts):
+                out[f"routing/{domain}/expert_{e}"] = float(c / max(counts.sum(), 1))
+        return out

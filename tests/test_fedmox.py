@@ -1,0 +1,99 @@
+import numpy as np
+
+from fedsim.config import ExperimentConfig, load
+from fedsim.model.detector import build_detector, is_backbone_key, trainable_keys
+from fedsim.model.moe import moe_head
+from fedsim.runtime.messages import ClientResult
+from strategies import build
+from tests.conftest import TINY, run_fedsim
+
+
+def fedmox(**params) -> object:
+    return build(ExperimentConfig.model_validate({"strategy": {"name": "fedmox", "params": params}}))
+
+
+def arrays():
+    g = {"w": np.array([1.0, 1.0], np.float32), "bn.num_batches_tracked": np.array(3, np.int64)}
+    c0 = {"w": np.array([3.0, 5.0], np.float32), "bn.num_batches_tracked": np.array(9, np.int64)}
+    c1 = {"w": np.array([7.0, 1.0], np.float32), "bn.num_batches_tracked": np.array(4, np.int64)}
+    return g, [ClientResult(0, 1, c0, 1), ClientResult(1, 1, c1, 3)]
+
+
+def test_alpha_zero_is_fedavg_and_alpha_one_ignores_clients():
+    g, results = arrays()
+    fedavg_w = (np.array([3.0, 5.0]) * 1 + np.array([7.0, 1.0]) * 3) / 4  # [6, 2]
+    np.testing.assert_allclose(fedmox(alpha=0.0).aggregate(g, results, 1)["w"], fedavg_w)
+    np.testing.assert_allclose(fedmox(alpha=1.0).aggregate(g, results, 1)["w"], g["w"])
+    np.testing.assert_allclose(fedmox(alpha=0.25).aggregate(g, results, 1)["w"], 0.25 * g["w"] + 0.75 * fedavg_w)
+    # integer buffers are copied from the server model, never mixed
+    assert fedmox(alpha=0.25).aggregate(g, results, 1)["bn.num_batches_tracked"] == 3
+
+
+def test_usage_weighting_averages_each_expert_by_its_users():
+    strategy = fedmox(num_experts=2, alpha=0.0, usage_weighting=True)
+    g = {"model.22.box_experts.0.weight": np.zeros((2, 1), np.float32)}
+    c0 = ClientResult(
+        0,
+        1,
+        {"model.22.box_experts.0.weight": np.array([[1.0], [5.0]], np.float32)},
+        1,
+        {"routing/count_0": 10.0, "routing/count_1": 0.0},
+    )
+    c1 = ClientResult(
+        1,
+        1,
+        {"model.22.box_experts.0.weight": np.array([[3.0], [9.0]], np.float32)},
+        1,
+        {"routing/count_0": 5.0, "routing/count_1": 5.0},
+    )
+    out = strategy.aggregate(g, [c0, c1], 1)["model.22.box_experts.0.weight"]
+    # expert 0: shares 1.0 and 0.5 -> (1*1 + 3*0.5)/1.5; expert 1: only client 1 used it -> 9
+    np.testing.assert_allclose(out, [[(1.0 + 1.5) / 1.5], [9.0]])
+
+
+def test_moe_model_travels_routers_and_experts_but_not_the_backbone(cpu_threads):
+    cfg = load(TINY, ["strategy.name=fedmox", "strategy.params.num_experts=3"])
+    model = build(cfg).build_model(build_detector(cfg.model.arch, cfg.data.classes))
+    keys = trainable_keys(model)
+    assert any("routers" in k for k in keys) and any("box_experts" in k for k in keys)
+    assert not any(is_backbone_key(model, k) for k in keys)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("routers" in n for n in trainable) and not any(is_backbone_key(model, n) for n in trainable)
+    assert moe_head(model).num_experts == 3
+
+
+def test_tiny_fedmox_run_end_to_end(tmp_path):
+    result = run_fedsim(
+        [
+            "run",
+            str(TINY),
+            "--set",
+            "strategy.name=fedmox",
+            "--set",
+            "strategy.params.num_experts=2",
+            "--set",
+            "rounds=1",
+        ],
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["tiny"]).iloc[0]
+    assert run["tags.strategy"] == "fedmox" and run["status"] == "FINISHED"
+    routing = [c for c in run.index if c.startswith("metrics.routing/rainy/expert_")]
+    assert len(routing) == 2 and abs(sum(run[c] for c in routing) - 1.0) < 1e-6
+    assert "metrics.server/routing/expert_0" in run.index
+
+
+def test_global_router_fails_early_with_a_clear_error(tmp_path):
+    result = run_fedsim(
+        ["run", str(TINY), "--set", "strategy.name=fedmox", "--set", "strategy.params.router=global"],
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert result.returncode == 1
+    assert "fedsim: run failed:" in result.stderr and "cannot change resolution" in result.stderr
+    assert "expects a last-level feature map" in result.stderr
