@@ -124,7 +124,9 @@ def format_round(rec: dict, domains: list[str], rounds: int) -> str:
     return f"{label:<12} mAP@50 {maps}  total {rec['map50/total']:.3f}{extra}  {rec['round_seconds']:.1f}s"
 
 
-def simulate(cfg, resume: bool = False, stop_after: int | None = None, echo=print) -> dict:
+def simulate(
+    cfg, resume: bool = False, stop_after: int | None = None, echo=print, pool_size: int | None = None
+) -> dict:
     """Run one simulation to the end (or to ``stop_after`` rounds); returns the last record."""
     import ray
 
@@ -139,7 +141,7 @@ def simulate(cfg, resume: bool = False, stop_after: int | None = None, echo=prin
     init_ray()
     domains = list(partition.test)
     driver = DriverActor.options(num_cpus=0).remote(
-        cfg.model_dump(mode="json"), str(run_dir), str(partition.root), weights, uri, resume, stop_after
+        cfg.model_dump(mode="json"), str(run_dir), str(partition.root), weights, uri, resume, stop_after, pool_size
     )
     last: dict = {}
     for ref in driver.run.remote():
@@ -171,6 +173,30 @@ def cmd_run(args) -> int:
         simulate(cfg, resume=args.resume, stop_after=args.stop_after)
     except RunFailed as exc:
         return _fail(str(exc), code=1)
+    return 0
+
+
+def cmd_table(args) -> int:
+    from fedsim.config import ConfigError, load
+    from fedsim.table import build_table, missing, run_all, variant, write_table
+    from fedsim.tracking import resolve_uri
+
+    try:
+        base = load(args.config, args.set)
+        cfgs = [variant(base, s, seed) for s in args.strategies.split(",") for seed in range(args.seeds)]
+    except (ConfigError, ValueError) as exc:
+        return _fail(str(exc))
+    uri = resolve_uri(base.tracking.uri)
+    todo = missing(cfgs, uri, base.tracking.experiment)
+    print(f"table: {len(cfgs) - len(todo)} of {len(cfgs)} runs already in MLflow; running {len(todo)}", flush=True)
+    parallel = args.parallel or max(1, (os.cpu_count() or 2) // 2)
+    try:
+        run_all(todo, parallel)
+    except RunFailed as exc:
+        return _fail(str(exc), code=1)
+    domains = base.data.server_domains + base.data.client_domains
+    table = build_table(uri, base.tracking.experiment, cfgs, domains)
+    print(write_table(table, Path(args.out), domains, f"{Path(args.config).stem}, {args.seeds} seeds"))
     return 0
 
 
@@ -225,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the latest run of this config")
     run.add_argument("--stop-after", type=int, default=None, help="stop after this round (testing resume)")
     run.set_defaults(func=cmd_run)
+
+    table = sub.add_parser("table", help="run missing (strategy, seed) pairs, then tabulate them from MLflow")
+    table.add_argument("--config", required=True)
+    table.add_argument("--strategies", required=True, help="comma-separated, e.g. server_only,fedavg,fedmox")
+    table.add_argument("--seeds", type=int, default=3)
+    table.add_argument("--out", required=True)
+    table.add_argument("--parallel", type=int, default=None, help="simulations at once (default: cores / 2)")
+    table.add_argument("--set", action="append", default=[])
+    table.set_defaults(func=cmd_table)
 
     pre = sub.add_parser("pretrain", help="build (or find) the cached foundation checkpoint")
     pre.add_argument("--config", default=None)

@@ -109,14 +109,16 @@ class StrategyConfig(Section):
 
 class TrainConfig(Section):
     batch: int = Field(8, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(2e-4, gt=0)  # AdamW, server and clients, per round (cosine over the rounds)
+    warmup_lr: float = Field(1e-3, gt=0)  # server warm-up (cosine over its epochs)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: int = Field(10, ge=0)  # server-only supervised epochs before round 1
     server_epochs: int = Field(1, ge=0)  # supervised server epochs per round
     client_epochs: int = Field(1, gt=0)  # unsupervised local epochs per round
     client_lr: float | None = Field(None, gt=0)  # default: lr
     ema_momentum: float = Field(0.99, ge=0, lt=1)  # client teacher, reset from the received model each job
-    conf_thres: float = Field(0.4, gt=0, lt=1)  # pseudo-label confidence threshold
+    conf_thres: float = Field(0.4, gt=0, lt=1)  # pseudo-label confidence threshold (FedSTO's tau2)
+    ignore_thres: float | None = Field(0.1, ge=0, lt=1)  # scores in [this, conf_thres): no class loss (tau1)
     nms_iou: float = Field(0.65, gt=0, lt=1)
     unsup_weight: float = Field(1.0, gt=0)
     server_threads: int = Field(2, gt=0)

@@ -10,6 +10,12 @@ from pydantic import ValidationError
 STRATEGIES: dict[str, str] = {
     "fedavg": "strategies.fedavg:FedAvg",
     "fedmox": "strategies.fedmox:FedMox",
+    "fedprox": "strategies.fedprox:FedProx",
+    "fedsto": "strategies.fedsto:FedSTO",
+    "scl_frozen": "strategies.centralized:SCLFrozen",
+    "scl_full": "strategies.centralized:SCLFull",
+    "server_only": "strategies.centralized:ServerOnly",
+    "oracle": "strategies.centralized:Oracle",
 }
 
 

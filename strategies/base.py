@@ -73,6 +73,13 @@ class Strategy:
         freeze_backbone(model)
         return model
 
+    def num_rounds(self) -> int:
+        return self.cfg.rounds
+
+    def state_keys(self, model: nn.Module) -> list[str]:
+        """The server state that can change (checkpointed, broadcast): neck + head by default."""
+        return trainable_keys(model)
+
     def travelling_keys(self, model: nn.Module, rnd: int) -> list[str]:
         """State entries a client trains and sends back in round ``rnd``."""
         return trainable_keys(model)
@@ -90,13 +97,16 @@ class Strategy:
             "epochs": t.client_epochs,
             "batch": t.batch,
             "conf_thres": t.conf_thres,
+            "ignore_thres": t.ignore_thres,
             "nms_iou": t.nms_iou,
             "ema_momentum": t.ema_momentum,
             "unsup_weight": t.unsup_weight,
         }
 
-    def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Extra loss a client adds to its own (FedProx: proximal term). ``received``: the global state."""
+    def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:
+        """Extra loss a client adds to its own in round ``rnd`` (FedProx: proximal term).
+
+        ``received`` is the global state the client started from."""
         return None
 
     # -- the server ---------------------------------------------------------------------------

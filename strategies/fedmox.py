@@ -73,7 +73,7 @@ class FedMox(Strategy):
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         return moe_aux_loss(model) if self.params.balance_coef > 0 else None
 
-    def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:
         return self.extra_loss(model)
 
     def client_begin(self, model: nn.Module) -> None:

@@ -42,3 +42,17 @@ def test_ema_teacher_trails_the_student():
     teacher.update(student)
     torch.testing.assert_close(teacher.model.weight, torch.full((1, 2), 1.5))
     assert not teacher.model.weight.requires_grad
+
+
+def test_uncertain_teacher_scores_carry_no_background_loss():
+    from fedsim.train.pseudo import IgnoreUncertainBCE
+
+    teacher = torch.tensor([[[0.05, 0.3, 0.9]]])  # confident background, unsure, confident object
+    pred = torch.zeros(1, 1, 3)
+    target = torch.tensor([[[0.0, 0.0, 0.8]]])
+    loss = IgnoreUncertainBCE(teacher, low=0.1, high=0.5)(pred, target)
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(pred, target, reduction="none")
+    assert loss[0, 0, 1] == 0  # unsure and unassigned: ignored
+    torch.testing.assert_close(loss[0, 0, [0, 2]], plain[0, 0, [0, 2]])
+    unsure_but_assigned = IgnoreUncertainBCE(teacher, 0.1, 0.5)(pred, torch.tensor([[[0.0, 0.6, 0.8]]]))
+    assert unsure_but_assigned[0, 0, 1] > 0

@@ -45,6 +45,10 @@ class Partition:
     clients: list[ClientShard]
     test: dict[str, tuple[Path, int]]  # domain -> (images dir, imgsz)
 
+    def labeled_client_view(self, client_id: int) -> Path:
+        """A client's images with their true labels, for the oracle baseline only."""
+        return _labeled_view(self.root, client_id)
+
     @classmethod
     def load(cls, root: Path) -> Partition:
         meta = json.loads((root / "partition.json").read_text())
@@ -57,6 +61,26 @@ class Partition:
             clients=[ClientShard(c["id"], c["domain"], root / c["images"], c["n"]) for c in meta["clients"]],
             test={d: (root / t["images"], t["imgsz"]) for d, t in meta["test"].items()},
         )
+
+
+def _labeled_view(root: Path, client_id: int) -> Path:
+    """``oracle/client_XXX/{images,labels}``: hard links joining a client's images and true labels."""
+    name = f"client_{client_id:03d}"
+    view = root / "oracle" / name
+    if not (view / "done").exists():
+        (view / "images").mkdir(parents=True, exist_ok=True)
+        (view / "labels").mkdir(parents=True, exist_ok=True)
+        for img in sorted((root / "clients" / name / "images").glob("*")):
+            _link_or_copy_if_missing(img, view / "images" / img.name)
+            label = root / "client_labels" / name / "labels" / (img.stem + ".txt")
+            _link_or_copy_if_missing(label, view / "labels" / label.name)
+        (view / "done").touch()
+    return view / "images"
+
+
+def _link_or_copy_if_missing(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        _link_or_copy(src, dst)
 
 
 def label_path(image: Path) -> Path:

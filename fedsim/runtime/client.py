@@ -77,7 +77,8 @@ class ClientWorker:
                     s["nms_iou"],
                     seed=job.seed + 7919 * epoch,
                     unsup_weight=s["unsup_weight"],
-                    extra_loss=partial(self.strategy.client_loss_terms, received=received),
+                    ignore_thres=s.get("ignore_thres"),
+                    extra_loss=partial(self.strategy.client_loss_terms, received=received, rnd=job.round),
                 )
             del teacher, optimizer
         metrics.update(self.strategy.client_metrics(model))

@@ -124,7 +124,7 @@ class Simulation:
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {
             "round": rnd,
-            "state": get_state(self.model),
+            "state": self._state(),
             "strategy": self.strategy.state_dict(),
             "run_id": self.tracker.run_id,
             "history": self.history,
@@ -133,6 +133,9 @@ class Simulation:
         torch.save(blob, tmp)
         tmp.replace(path)
         self._write_csv()
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return get_state(self.model, self.strategy.state_keys(self.model))
 
     def _load(self, path: Path) -> int:
         blob = torch.load(path, map_location="cpu", weights_only=False)
@@ -165,7 +168,7 @@ class Simulation:
         selected = self.strategy.sample_clients(rnd, cfg.clients.num_clients, rng)
         shards = {c.client_id: c for c in self.partition.clients}
         settings = self.strategy.client_settings(rnd)
-        state_ref = ray.put(get_state(self.model))
+        state_ref = ray.put(self._state())
         jobs = [
             ClientJob(
                 cid,
@@ -202,16 +205,17 @@ class Simulation:
                 "round_seconds": time.perf_counter() - t0,
             }
             yield {"event": "round", **self._record(0, metrics)}
-        if self.strategy.uses_clients and start_round < self.cfg.rounds:
+        rounds = self.strategy.num_rounds()
+        if self.strategy.uses_clients and start_round < rounds:
             self._start_pool()
-        for rnd in range(start_round + 1, self.cfg.rounds + 1):
+        for rnd in range(start_round + 1, rounds + 1):
             yield {"event": "round", **self._record(rnd, self._one_round(rnd))}
             if self.stop_after is not None and rnd >= self.stop_after:
                 self.tracker.finish("KILLED")
                 yield {"event": "stopped", "round": rnd}
                 return
         final = self.run_dir / "final_state.npz"
-        np.savez(final, **get_state(self.model))
+        np.savez(final, **self._state())
         self.tracker.log_artifact(final)
         self.tracker.finish("FINISHED")
         yield {"event": "done", "run_id": self.tracker.run_id, "run_dir": str(self.run_dir)}
@@ -220,7 +224,7 @@ class Simulation:
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         if self.strategy.uses_clients:
-            global_state = get_state(self.model)
+            global_state = self._state()
             results, failures = self._client_round(rnd)
             for f in failures:
                 print(f"round {rnd}: client {f.client_id} failed: {f.error.splitlines()[0]}", flush=True)
@@ -259,10 +263,18 @@ class DriverActor:
         tracking_uri: str,
         resume: bool,
         stop_after: int | None = None,
+        pool_size: int | None = None,
     ):
         cfg = ExperimentConfig.model_validate(cfg_dict)
         self.sim = Simulation(
-            cfg, Path(run_dir), Path(partition_root), weights, tracking_uri, resume, stop_after=stop_after
+            cfg,
+            Path(run_dir),
+            Path(partition_root),
+            weights,
+            tracking_uri,
+            resume,
+            stop_after=stop_after,
+            pool_size=pool_size,
         )
 
     def run(self):

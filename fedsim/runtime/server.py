@@ -19,6 +19,7 @@ def derive_seed(*parts: int) -> int:
 class ServerTrainer:
     def __init__(self, model: nn.Module, partition: Partition, cfg):
         self.model = model
+        self.partition = partition
         self.cfg = cfg
         self.train_cfg = cfg.train
         names = partition.names
@@ -47,10 +48,10 @@ class ServerTrainer:
     def warmup(self, epochs: int) -> dict[str, float]:
         """Server-only supervised training before round 1 (cosine over its epochs)."""
         out: dict[str, float] = {}
-        optimizer = make_optimizer(self.model, self.train_cfg.lr, self.train_cfg.weight_decay)
+        optimizer = make_optimizer(self.model, self.train_cfg.warmup_lr, self.train_cfg.weight_decay)
         for e in range(epochs):
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(self.train_cfg.lr, e, epochs)
+                group["lr"] = cosine_lr(self.train_cfg.warmup_lr, e, epochs)
             seed = derive_seed(self.cfg.seed, 0, e, 1)
             loader = make_loader(self.dataset, self.train_cfg.batch, shuffle=True, seed=seed)
             out = supervised_epoch(

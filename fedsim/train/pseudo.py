@@ -3,6 +3,11 @@
 Per job the teacher starts as a copy of the model the client received and follows the student
 by EMA (``momentum``), as FedSTO's local EMA pseudo-labeler does. Teacher detections go through
 Ultralytics' NMS, and only boxes with confidence >= ``conf_thres`` become labels.
+
+Hard pseudo-labels miss objects; treating every unlabeled location as background then teaches
+the student to see less each round, and the federation collapses. So, as FedSTO's tau1/tau2
+scheme does, a class score the teacher gives in the uncertain band ``[ignore_thres, conf_thres)``
+is left out of the student's classification loss (neither object nor background).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from torch import nn
 
 from fedsim.model.detector import train_mode
-from fedsim.train.supervised import CPU, ExtraLoss, loss_items, random_hflip
+from fedsim.train.supervised import CPU, ExtraLoss, loss_items
 
 
 class EMATeacher:
@@ -38,19 +43,39 @@ class EMATeacher:
                 mine[k].copy_(theirs[k])
 
 
+class IgnoreUncertainBCE(nn.Module):
+    """``BCEWithLogits`` per element, zeroed where the teacher was unsure and assigned no target."""
+
+    def __init__(self, teacher_scores: torch.Tensor, low: float, high: float):
+        super().__init__()
+        self.uncertain = (teacher_scores >= low) & (teacher_scores < high)  # (B, anchors, nc)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.binary_cross_entropy_with_logits(pred, target, reduction="none")
+        return loss * ~(self.uncertain & (target <= 0))
+
+
+@torch.no_grad()
+def teacher_predict(teacher: nn.Module, img: torch.Tensor) -> torch.Tensor:
+    """Decoded teacher output ``(B, 4 + nc, anchors)``: xywh pixels, then class scores in [0, 1]."""
+    teacher.eval()
+    preds = teacher(img)
+    return preds[0] if isinstance(preds, (tuple, list)) else preds
+
+
 @torch.no_grad()
 def pseudo_labels(
     teacher: nn.Module, img: torch.Tensor, conf_thres: float, iou_thres: float, max_det: int = 100
 ) -> dict[str, torch.Tensor]:
     """Teacher detections on ``img`` (B,3,H,W in [0,1]) as a label batch for ``v8DetectionLoss``.
 
+    ``teacher`` is the teacher model or its already computed ``teacher_predict`` output.
+
     Returns ``batch_idx (N,)``, ``cls (N,1)``, ``bboxes (N,4)`` normalised xywh and ``conf (N,)``.
     """
     from ultralytics.utils.nms import non_max_suppression
 
-    teacher.eval()
-    preds = teacher(img)
-    preds = preds[0] if isinstance(preds, (tuple, list)) else preds
+    preds = teacher if isinstance(teacher, torch.Tensor) else teacher_predict(teacher, img)
     dets = non_max_suppression(preds, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
     h, w = img.shape[2:]
     scale = torch.tensor([w, h, w, h], dtype=img.dtype, device=img.device)
@@ -79,18 +104,32 @@ def unsupervised_epoch(
     unsup_weight: float = 1.0,
     extra_loss: ExtraLoss | None = None,
     device: torch.device = CPU,
+    ignore_thres: float | None = 0.1,
 ) -> dict[str, float]:
-    """One local epoch on unlabeled images. Any labels the loader carries are dropped unread."""
+    """One local epoch on unlabeled images. Any labels the loader carries are dropped unread.
+
+    ``ignore_thres``: lower edge of the uncertain band (None: every unlabeled location is background).
+    """
     generator = torch.Generator().manual_seed(seed)
     sums = np.zeros(4)
     steps = n_pseudo = 0
     for raw in loader:
         img = raw["img"].to(device).float() / 255.0
-        batch = {"img": img, **pseudo_labels(teacher.model, img, conf_thres, iou_thres)}
+        flip = torch.rand(img.shape[0], generator=generator) < 0.5
+        img[flip] = img[flip].flip(-1)  # teacher and student see the same flipped view
+        preds = teacher_predict(teacher.model, img)
+        batch = {"img": img, **pseudo_labels(preds, img, conf_thres, iou_thres)}
         n_pseudo += int(batch["cls"].shape[0])
-        batch = random_hflip(batch, generator)  # the student sees a different view than the teacher
         train_mode(student)
-        loss, items = student.loss(batch)
+        criterion = student.criterion if getattr(student, "criterion", None) else student.init_criterion()
+        student.criterion = criterion
+        plain_bce = criterion.bce
+        if ignore_thres is not None and ignore_thres < conf_thres:
+            criterion.bce = IgnoreUncertainBCE(preds[:, 4:].permute(0, 2, 1), ignore_thres, conf_thres)
+        try:
+            loss, items = student.loss(batch)
+        finally:
+            criterion.bce = plain_bce
         total = loss.sum() * unsup_weight
         extra = extra_loss(student) if extra_loss else None
         if extra is not None:

@@ -1,0 +1,99 @@
+"""``fedsim table``: run every (strategy, seed) MLflow does not have yet, then tabulate from MLflow.
+
+A (strategy, seed) counts as recorded when a FINISHED run in the experiment carries the
+``config_key`` of exactly that config, so changing anything else in the config reruns it. The
+table itself is built from ``mlflow.search_runs``, never from the runs just made in memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pandas as pd
+
+from fedsim.config import ExperimentConfig
+
+
+def variant(cfg: ExperimentConfig, strategy: str, seed: int) -> ExperimentConfig:
+    raw = cfg.model_dump(mode="json")
+    if raw["strategy"]["name"] != strategy:
+        raw["strategy"] = {"name": strategy, "params": {}}
+    raw["seed"] = seed
+    return ExperimentConfig.model_validate(raw)
+
+
+def recorded_runs(uri: str, experiment: str) -> pd.DataFrame:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
+    return runs if len(runs) else pd.DataFrame(columns=["tags.config_key", "tags.strategy", "tags.seed"])
+
+
+def missing(cfgs: list[ExperimentConfig], uri: str, experiment: str) -> list[ExperimentConfig]:
+    done = set(recorded_runs(uri, experiment)["tags.config_key"])
+    return [c for c in cfgs if c.key() not in done]
+
+
+def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
+    """Run simulations, ``parallel`` at a time, each on its own driver actor in one Ray cluster."""
+    from fedsim.cli import init_ray, prepare_data, prepare_weights, simulate
+
+    for cfg in cfgs:  # caches are shared: build them once, before any concurrency
+        prepare_data(cfg)
+        prepare_weights(cfg)
+    init_ray()
+    import ray
+
+    pool = max(1, int(ray.cluster_resources().get("CPU", 1) // max(1, parallel)))
+    pending = list(cfgs)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                cfg = pending.pop(0)
+            tag = f"[{cfg.strategy.name} seed {cfg.seed}]"
+            try:
+                simulate(cfg, echo=lambda line, tag=tag: echo(f"{tag} {line}"), pool_size=pool)
+            except BaseException as exc:  # report every failure after the others finished
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(max(1, parallel))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def build_table(uri: str, experiment: str, cfgs: list[ExperimentConfig], domains: list[str]) -> pd.DataFrame:
+    runs = recorded_runs(uri, experiment)
+    runs = runs[runs["tags.config_key"].isin({c.key() for c in cfgs})]
+    columns = [f"metrics.map50/{d}" for d in domains] + ["metrics.map50/total"]
+    rows = []
+    for strategy in dict.fromkeys(c.strategy.name for c in cfgs):
+        group = runs[runs["tags.strategy"] == strategy].drop_duplicates("tags.config_key")
+        row = {"strategy": strategy, "seeds": ",".join(sorted(group["tags.seed"], key=int))}
+        for col, name in zip(columns, [*domains, "total"], strict=True):
+            values = group[col].astype(float)
+            row[name] = f"{values.mean():.3f} ± {values.std(ddof=0):.3f}" if len(values) else "n/a"
+            row[f"{name}_mean"] = values.mean() if len(values) else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_table(table: pd.DataFrame, out: Path, domains: list[str], title: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table.csv", index=False)
+    shown = table[["strategy", *domains, "total", "seeds"]]
+    header = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
+    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in shown.itertuples(index=False))
+    markdown = f"### {title}\n\nmAP@50, mean ± std over seeds (final round)\n\n{header}{body}"
+    (out / "table.md").write_text(markdown)
+    return markdown

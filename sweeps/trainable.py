@@ -1,0 +1,139 @@
+"""One Tune trial = one whole simulation, run in the trial's own process.
+
+The trial reports once per FL round (not for the round-0 warm-up), so ``training_iteration``
+is the round and ASHA's ``grace_period``/``max_t`` count rounds. Each report carries a tiny Tune
+checkpoint holding only the round number; the model state lives in the simulation's own
+checkpoints under ``<storage>/sims/<trial_id>``. A trial that Tune restarts (``FailureConfig``
+retry, or ``Tuner.restore`` after a kill) resumes that simulation, continuing the same MLflow
+run, and re-reports the rounds Tune has not seen, so the iteration count stays equal to the round.
+
+Resources: ``trial_resources`` reserves the trial process and its client actors in one
+placement group. Tune makes the trial capture its child actors into that group, so the client
+pool can never wait for CPUs that other trials hold (the nested-actor deadlock of ray#25239).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+DRIVER_BUNDLE = {"CPU": 1.0}
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares (shipped once through the object store)."""
+
+    sweep: str
+    base_raw: dict
+    tracking_uri: str
+    parent_run_id: str
+    sims_dir: str
+
+
+def client_bundle(profile_name: str) -> dict[str, float]:
+    """One client actor's reservation, from the device profile (zero amounts left out)."""
+    from fedsim.runtime.resources import PROFILES, actor_options
+
+    opts = actor_options(PROFILES[profile_name])
+    bundle = {"CPU": float(opts["num_cpus"]), "GPU": float(opts["num_gpus"]), "memory": float(opts["memory"])}
+    return {k: v for k, v in bundle.items() if v > 0}
+
+
+def client_pool_size(cfg) -> int:
+    """Client actors a trial keeps: the clients sampled per round, capped by ``clients.max_actors``."""
+    c = cfg.clients
+    per_round = max(1, int(round(c.sampling_rate * c.num_clients)))
+    return min(per_round, c.max_actors) if c.max_actors else per_round
+
+
+def trial_bundles(cfg) -> list[dict[str, float]]:
+    from strategies import get
+
+    uses_clients = get(cfg.strategy.name).uses_clients
+    k = client_pool_size(cfg) if uses_clients else 0
+    return [dict(DRIVER_BUNDLE)] + [client_bundle(cfg.clients.profile)] * k
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """``tune.with_resources`` callable: a trial's placement group from its own config.
+
+    Per trial, because the space may move ``clients.*``; a class (not a closure) so Tune can
+    pickle it with the experiment state.
+    """
+
+    base_raw: dict
+
+    def __call__(self, config: dict[str, Any]) -> tune.PlacementGroupFactory:
+        return tune.PlacementGroupFactory(trial_bundles(trial_config(self.base_raw, config)), strategy="PACK")
+
+
+def trial_config(base_raw: dict, params: dict[str, Any]):
+    from fedsim.config import parse
+    from sweeps.config import with_params
+
+    return parse(with_params(base_raw, params))
+
+
+def _reported_round() -> int:
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        return int(json.loads((Path(d) / "round.json").read_text())["round"])
+
+
+def _report(rec: dict[str, Any]) -> None:
+    metrics = {k: v for k, v in rec.items() if k != "event"}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "round.json").write_text(json.dumps({"round": int(rec["round"])}))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _prune_checkpoints(run_dir: Path) -> None:
+    """Keep only the newest simulation checkpoint: resuming needs no other, and 40 trials add up."""
+    found = sorted((run_dir / "checkpoints").glob("round_*.pt"))
+    for old in found[:-1]:
+        old.unlink(missing_ok=True)
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Tune function trainable: ``config`` holds the sampled values by dotted config path."""
+    from fedsim.cli import prepare_data, prepare_weights
+    from fedsim.runtime.driver import Simulation, latest_checkpoint
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(setup.base_raw, config)
+    cfg.tracking.uri = setup.tracking_uri
+    cfg.tracking.run_name = f"{setup.sweep}-{trial_id}"
+    partition = prepare_data(cfg)
+    weights = prepare_weights(cfg)
+    run_dir = Path(setup.sims_dir) / trial_id
+    reported = _reported_round()
+    sim = Simulation(
+        cfg,
+        run_dir,
+        Path(partition.root),
+        weights,
+        setup.tracking_uri,
+        resume=latest_checkpoint(run_dir) is not None,
+        extra_tags={"mlflow.parentRunId": setup.parent_run_id, "sweep": setup.sweep, "trial_id": trial_id},
+        pool_size=client_pool_size(cfg),
+    )
+    for rec in sim.run():
+        if rec["event"] == "resumed":
+            # Rounds the simulation finished but Tune never heard of (killed between the two).
+            for old in sim.history:
+                if reported < old["round"] <= rec["round"]:
+                    _report(old)
+                    reported = int(old["round"])
+        elif rec["event"] == "round" and rec["round"] > reported:
+            _report(rec)
+            reported = int(rec["round"])
+            _prune_checkpoints(run_dir)
