@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -31,6 +32,9 @@ def prepare_data(cfg):
     index = load_domain_index(data.root, manifest=data.manifest, num_classes=len(data.classes), on_bad=data.on_bad)
     if index.problems:
         print(f"data: skipped {len(index.problems)} image(s) with problems:\n{index.summary()}", flush=True)
+    # The cache key follows the files themselves, so an edited data set is split anew.
+    files = sorted(p for images in index.images.values() for p in images)
+    fingerprint = hashlib.sha1("".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
     return build_partition(
         index.images,
         data.classes,
@@ -43,7 +47,7 @@ def prepare_data(cfg):
         data.test_images,
         data.client_scale,
         data.seed,
-        source_key=f"yolo:{Path(data.root).resolve()}",
+        source_key=f"yolo:{Path(data.root).resolve()}:{fingerprint.hexdigest()[:12]}",
     )
 
 
@@ -169,8 +173,12 @@ def cmd_run(args) -> int:
         cfg = load(args.config, args.set)
     except ConfigError as exc:
         return _fail(str(exc))
+    from fedsim.data.yolo_folder import DataError
+
     try:
         simulate(cfg, resume=args.resume, stop_after=args.stop_after)
+    except DataError as exc:  # bad data found while preparing, before Ray starts
+        return _fail(f"fedsim: data error: {exc}")
     except RunFailed as exc:
         return _fail(str(exc), code=1)
     return 0
@@ -183,7 +191,9 @@ def cmd_table(args) -> int:
 
     try:
         base = load(args.config, args.set)
-        cfgs = [variant(base, s, seed) for s in args.strategies.split(",") for seed in range(args.seeds)]
+        specs = [s.strip() for s in args.strategies.split(";" if ";" in args.strategies else ",")]
+        variants = {spec: [variant(base, spec, seed) for seed in range(args.seeds)] for spec in specs}
+        cfgs = [c for group in variants.values() for c in group]
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
     uri = resolve_uri(base.tracking.uri)
@@ -195,7 +205,7 @@ def cmd_table(args) -> int:
     except RunFailed as exc:
         return _fail(str(exc), code=1)
     domains = base.data.server_domains + base.data.client_domains
-    table = build_table(uri, base.tracking.experiment, cfgs, domains)
+    table = build_table(uri, base.tracking.experiment, variants, domains)
     print(write_table(table, Path(args.out), domains, f"{Path(args.config).stem}, {args.seeds} seeds"))
     return 0
 
@@ -236,6 +246,9 @@ def cmd_data(args) -> int:
 
         report = convert_soda10m(Path(args.annotations), Path(args.images), Path(args.out), domain_key=args.domain_key)
     print(report.summary())
+    for label, names in (("missing", report.missing_images), ("unreadable", report.unreadable_images)):
+        if names:
+            print(f"{label} images ({len(names)}): {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
     return 0
 
 
@@ -254,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     table = sub.add_parser("table", help="run missing (strategy, seed) pairs, then tabulate them from MLflow")
     table.add_argument("--config", required=True)
-    table.add_argument("--strategies", required=True, help="comma-separated, e.g. server_only,fedavg,fedmox")
+    table.add_argument(
+        "--strategies",
+        required=True,
+        help="e.g. server_only,fedavg,fedmox; with params: 'fedavg;fedmox:alpha=0,num_experts=4' (then ; separates)",
+    )
     table.add_argument("--seeds", type=int, default=3)
     table.add_argument("--out", required=True)
     table.add_argument("--parallel", type=int, default=None, help="simulations at once (default: cores / 2)")

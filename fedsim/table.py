@@ -15,12 +15,23 @@ import pandas as pd
 from fedsim.config import ExperimentConfig
 
 
-def variant(cfg: ExperimentConfig, strategy: str, seed: int) -> ExperimentConfig:
+def variant(cfg: ExperimentConfig, spec: str, seed: int) -> ExperimentConfig:
+    """``spec`` is a strategy name, optionally with params: ``fedmox:alpha=0,num_experts=2``.
+
+    The base config's own params are kept when ``spec`` names its strategy without params."""
+    import yaml
+
+    from fedsim.config import parse
+
+    name, _, params = spec.partition(":")
     raw = cfg.model_dump(mode="json")
-    if raw["strategy"]["name"] != strategy:
-        raw["strategy"] = {"name": strategy, "params": {}}
+    if raw["strategy"]["name"] != name or params:
+        raw["strategy"] = {"name": name, "params": {}}
+    for item in filter(None, params.split(",")):
+        key, _, value = item.partition("=")
+        raw["strategy"]["params"][key.strip()] = yaml.safe_load(value)
     raw["seed"] = seed
-    return ExperimentConfig.model_validate(raw)
+    return parse(raw)
 
 
 def recorded_runs(uri: str, experiment: str) -> pd.DataFrame:
@@ -72,14 +83,16 @@ def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
         raise errors[0]
 
 
-def build_table(uri: str, experiment: str, cfgs: list[ExperimentConfig], domains: list[str]) -> pd.DataFrame:
+def build_table(
+    uri: str, experiment: str, variants: dict[str, list[ExperimentConfig]], domains: list[str]
+) -> pd.DataFrame:
+    """One row per variant label (its configs differ only by seed), from the recorded runs."""
     runs = recorded_runs(uri, experiment)
-    runs = runs[runs["tags.config_key"].isin({c.key() for c in cfgs})]
     columns = [f"metrics.map50/{d}" for d in domains] + ["metrics.map50/total"]
     rows = []
-    for strategy in dict.fromkeys(c.strategy.name for c in cfgs):
-        group = runs[runs["tags.strategy"] == strategy].drop_duplicates("tags.config_key")
-        row = {"strategy": strategy, "seeds": ",".join(sorted(group["tags.seed"], key=int))}
+    for label, cfgs in variants.items():
+        group = runs[runs["tags.config_key"].isin({c.key() for c in cfgs})].drop_duplicates("tags.config_key")
+        row = {"strategy": label, "seeds": ",".join(sorted(group["tags.seed"], key=int))}
         for col, name in zip(columns, [*domains, "total"], strict=True):
             values = group[col].astype(float)
             row[name] = f"{values.mean():.3f} ± {values.std(ddof=0):.3f}" if len(values) else "n/a"

@@ -187,6 +187,12 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SweepConfigError(f"sweep: {exc}") from exc
     except ConfigError as exc:
         raise SweepConfigError(f"sweep {path.name} (base {base_path.name} + overrides + space):\n{exc}") from exc
+    if base_cfg.rounds < 1:
+        raise SweepConfigError(f"sweep: the base config runs {base_cfg.rounds} rounds; a sweep needs at least 1")
+    if spec.scheduler and spec.scheduler.max_t and spec.scheduler.max_t > base_cfg.rounds:
+        raise SweepConfigError(
+            f"sweep: scheduler.max_t ({spec.scheduler.max_t}) exceeds the base config's rounds ({base_cfg.rounds})"
+        )
     storage = (spec.storage or Path("runs") / "sweeps" / spec.name).expanduser().resolve()
     return Sweep(
         spec=spec,

@@ -65,7 +65,9 @@ def close_children(parent: Tracker, trials: pd.DataFrame) -> dict[str, str]:
             label = outcome[trial_id].lower() if row.run_id == latest[trial_id] else "superseded"
             parent.client.set_tag(row.run_id, "sweep.outcome", label)
             if row.status == "RUNNING":
-                parent.client.set_terminated(row.run_id, status="KILLED" if label == "stopped" else "FAILED")
+                parent.client.set_terminated(
+                    row.run_id, status="FAILED" if label in ("error", "superseded") else "KILLED"
+                )
     return latest
 
 

@@ -41,7 +41,11 @@ def pareto_front(table: pd.DataFrame, metrics: list[str], modes: list[str]) -> p
     def dominated(i: int) -> bool:
         a = values[i]
         for j, b in enumerate(values):
-            if j != i and all(y >= x for x, y in zip(a, b, strict=True)) and any(y > x for x, y in zip(a, b, strict=True)):
+            if (
+                j != i
+                and all(y >= x for x, y in zip(a, b, strict=True))
+                and any(y > x for x, y in zip(a, b, strict=True))
+            ):
                 return True
         return False
 

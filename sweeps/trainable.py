@@ -1,7 +1,8 @@
 """One Tune trial = one whole simulation, run in the trial's own process.
 
 The trial reports once per FL round (not for the round-0 warm-up), so ``training_iteration``
-is the round and ASHA's ``grace_period``/``max_t`` count rounds. Each report carries a tiny Tune
+is the round and ASHA's ``grace_period``/``max_t`` count rounds; the last round is reported
+only once the simulation is done. Each report carries a tiny Tune
 checkpoint holding only the round number; the model state lives in the simulation's own
 checkpoints under ``<storage>/sims/<trial_id>``. A trial that Tune restarts (``FailureConfig``
 retry, or ``Tuner.restore`` after a kill) resumes that simulation, continuing the same MLflow
@@ -115,6 +116,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     partition = prepare_data(cfg)
     weights = prepare_weights(cfg)
     run_dir = Path(setup.sims_dir) / trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
     reported = _reported_round()
     sim = Simulation(
         cfg,
@@ -126,14 +128,25 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         extra_tags={"mlflow.parentRunId": setup.parent_run_id, "sweep": setup.sweep, "trial_id": trial_id},
         pool_size=client_pool_size(cfg),
     )
+    final: dict[str, Any] | None = None
     for rec in sim.run():
         if rec["event"] == "resumed":
             # Rounds the simulation finished but Tune never heard of (killed between the two).
             for old in sim.history:
                 if reported < old["round"] <= rec["round"]:
-                    _report(old)
-                    reported = int(old["round"])
+                    if old["round"] == cfg.rounds:
+                        final = old
+                    else:
+                        _report(old)
+                        reported = int(old["round"])
         elif rec["event"] == "round" and rec["round"] > reported:
+            if rec["round"] == cfg.rounds:
+                # ASHA stops every trial at max_t as soon as it is reported, which would cut the
+                # simulation off before it saves its final state and closes its MLflow run.
+                final = rec
+                continue
             _report(rec)
             reported = int(rec["round"])
             _prune_checkpoints(run_dir)
+        elif rec["event"] == "done" and final is not None:
+            _report(final)

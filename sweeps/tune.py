@@ -118,7 +118,6 @@ def _tuner(sweep: Sweep, setup, resume: bool):
             name=sweep.storage.name,
             storage_path=str(sweep.storage.parent),
             failure_config=tune.FailureConfig(max_failures=1),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=1,
         ),
     )
@@ -181,7 +180,10 @@ def run_sweep(sweep_path: Path, resume: bool = False) -> SweepResult:
         _show(f"sweep {sweep.name}: {len(trials)} trials", trials)
         pareto = pareto_front(trials, sweep.metrics, sweep.modes) if sweep.multi_objective else None
         if pareto is not None:
-            _show("Pareto front (" + ", ".join(f"{m} {d}" for m, d in zip(sweep.metrics, sweep.modes, strict=True)) + ")", pareto)
+            _show(
+                "Pareto front (" + ", ".join(f"{m} {d}" for m, d in zip(sweep.metrics, sweep.modes, strict=True)) + ")",
+                pareto,
+            )
         best = best_trial(trials, sweep.metrics, sweep.modes)
         best_config = None
         if best is not None:

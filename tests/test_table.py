@@ -6,8 +6,19 @@ from tests.conftest import TINY, run_fedsim
 
 
 def test_table_runs_missing_pairs_once_and_reads_mlflow(tmp_path):
-    args = ["table", "--config", str(TINY), "--strategies", "server_only,scl_frozen", "--seeds", "1",
-            "--out", str(tmp_path / "out"), "--set", "rounds=1"]
+    args = [
+        "table",
+        "--config",
+        str(TINY),
+        "--strategies",
+        "server_only,scl_frozen",
+        "--seeds",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        "rounds=1",
+    ]
     first = run_fedsim(args, cwd=tmp_path, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "0 of 2 runs already in MLflow; running 2" in first.stdout

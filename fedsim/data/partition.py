@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from fedsim.data.synthetic import SynthSpec, generate
+from fedsim.data.yolo_folder import DataError
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def _place(images: list[Path], out: Path, scale: float, labels_out: Path | None)
         dst = out / "images" / src.name
         img = cv2.imread(str(src))
         if img is None:
-            raise ValueError(f"data: cannot read image {src}")
+            raise DataError(f"cannot read image {src}")
         h, w = round(img.shape[0] * scale), round(img.shape[1] * scale)
         if scale == 1.0:
             _link_or_copy(src, dst)
@@ -156,8 +157,10 @@ def build_partition(
 
     missing = [d for d in server_domains + client_domains if d not in domain_images]
     if missing:
-        raise ValueError(f"data: domain(s) {missing} not in the data set; it has {sorted(domain_images)}")
+        raise DataError(f"domain(s) {missing} not in the data set; it has {sorted(domain_images)}")
     rng = np.random.default_rng(seed)
+    server_domains, client_list = list(dict.fromkeys(server_domains)), client_domains
+    client_domains = list(dict.fromkeys(client_domains))  # a domain listed twice gets twice the clients
     pools = {
         d: [domain_images[d][i] for i in rng.permutation(len(domain_images[d]))]
         for d in server_domains + client_domains
@@ -166,8 +169,8 @@ def build_partition(
     for d, pool in pools.items():
         need = test_images + (per_server_domain if d in server_domains else client_images)
         if len(pool) < need:
-            raise ValueError(
-                f"data: domain {d!r} has {len(pool)} images, the split needs {need} "
+            raise DataError(
+                f"domain {d!r} has {len(pool)} images, the split needs {need} "
                 f"({test_images} test + the rest for {'server' if d in server_domains else 'clients'})"
             )
 
@@ -179,9 +182,7 @@ def build_partition(
     meta["server_imgsz"] = _round32(server_long)
 
     client_long = 0
-    members = {
-        d: [i for i in range(num_clients) if client_domains[i % len(client_domains)] == d] for d in client_domains
-    }
+    members = {d: [i for i in range(num_clients) if client_list[i % len(client_list)] == d] for d in client_domains}
     for d, ids in members.items():
         pool = pools[d][test_images : test_images + client_images]
         for shard_i, cid in enumerate(ids):
