@@ -121,6 +121,7 @@ class TrainConfig(Section):
     ignore_thres: float | None = Field(0.1, ge=0, lt=1)  # scores in [this, conf_thres): no class loss (tau1)
     nms_iou: float = Field(0.65, gt=0, lt=1)
     unsup_weight: float = Field(1.0, gt=0)
+    client_bn_stats: Literal["frozen", "train"] = "frozen"  # clients keep the received BatchNorm statistics
     server_threads: int = Field(2, gt=0)
     eval_batch: int = Field(16, gt=0)
 

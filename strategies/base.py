@@ -98,6 +98,7 @@ class Strategy:
             "batch": t.batch,
             "conf_thres": t.conf_thres,
             "ignore_thres": t.ignore_thres,
+            "freeze_bn": t.client_bn_stats == "frozen",
             "nms_iou": t.nms_iou,
             "ema_momentum": t.ema_momentum,
             "unsup_weight": t.unsup_weight,

@@ -103,6 +103,13 @@ def train_mode(model: nn.Module, frozen_backbone: bool = True) -> nn.Module:
     return model
 
 
+def freeze_batchnorm_stats(model: nn.Module) -> None:
+    """Keep every BatchNorm's running statistics fixed (eval mode); its affine weights still train."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def trainable_keys(model: nn.Module) -> list[str]:
     """State-dict keys that travel: everything after the backbone, except the constant DFL."""
     return [k for k in model.state_dict() if not is_backbone_key(model, k) and ".dfl." not in k]

@@ -78,6 +78,7 @@ class ClientWorker:
                     seed=job.seed + 7919 * epoch,
                     unsup_weight=s["unsup_weight"],
                     ignore_thres=s.get("ignore_thres"),
+                    freeze_bn=s.get("freeze_bn", True),
                     extra_loss=partial(self.strategy.client_loss_terms, received=received, rnd=job.round),
                 )
             del teacher, optimizer

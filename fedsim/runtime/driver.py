@@ -80,18 +80,21 @@ class Simulation:
             profile, ray.available_resources(), per_round, self.cfg.clients.max_actors
         )
         # The whole model (frozen backbone included) travels once, when the pool starts.
-        full = ray.put(get_state(self.model, list(self.model.state_dict())))
-        spec = model_spec(self.model)
-        cfg_dict = self.cfg.model_dump(mode="json")
-        actors = [
-            ClientActor.options(**actor_options(profile)).remote(
-                cfg_dict, spec, full, profile.threads, profile.memory_gib * 1024
-            )
-            for _ in range(n)
-        ]
+        self._full_state = ray.put(get_state(self.model, list(self.model.state_dict())))
+        actors = [self._new_actor() for _ in range(n)]
         ray.get([a.ready.remote() for a in actors])
         self.pool = ActorPool(actors)
         self.pool_size = n
+
+    def _new_actor(self):
+        profile = PROFILES[self.cfg.clients.profile]
+        return ClientActor.options(**actor_options(profile)).remote(
+            self.cfg.model_dump(mode="json"),
+            model_spec(self.model),
+            self._full_state,
+            profile.threads,
+            profile.memory_gib * 1024,
+        )
 
     def _open_tracker(self, run_id: str | None) -> None:
         cfg = self.cfg
@@ -180,9 +183,22 @@ class Simulation:
             )
             for cid in selected
         ]
-        outcomes = []
-        for outcome in self.pool.map_unordered(lambda actor, job: actor.run.remote(job, state_ref), jobs):
-            outcomes.append(outcome)
+        for job in jobs:
+            self.pool.submit(lambda actor, job: actor.run.remote(job, state_ref), job)
+        outcomes, died = [], []
+        while self.pool.has_next():
+            try:
+                outcomes.append(self.pool.get_next_unordered())
+            except ray.exceptions.RayActorError as exc:
+                # The pool drops the dead actor; a fresh one takes its place for the jobs left.
+                died.append(str(exc).splitlines()[0])
+                self.pool.push(self._new_actor())
+        answered = {o.client_id for o in outcomes}
+        outcomes += [
+            ClientFailure(j.client_id, rnd, f"client actor died: {died[0] if died else 'unknown'}")
+            for j in jobs
+            if j.client_id not in answered
+        ]
         # Completion order varies between runs; aggregation order must not.
         results = sorted((o for o in outcomes if isinstance(o, ClientResult)), key=lambda r: r.client_id)
         failures = sorted((o for o in outcomes if isinstance(o, ClientFailure)), key=lambda f: f.client_id)

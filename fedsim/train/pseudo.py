@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.model.detector import train_mode
+from fedsim.model.detector import freeze_batchnorm_stats, train_mode
 from fedsim.train.supervised import CPU, ExtraLoss, loss_items
 
 
@@ -105,10 +105,13 @@ def unsupervised_epoch(
     extra_loss: ExtraLoss | None = None,
     device: torch.device = CPU,
     ignore_thres: float | None = 0.1,
+    freeze_bn: bool = True,
 ) -> dict[str, float]:
     """One local epoch on unlabeled images. Any labels the loader carries are dropped unread.
 
     ``ignore_thres``: lower edge of the uncertain band (None: every unlabeled location is background).
+    ``freeze_bn``: keep BatchNorm statistics as received. Low-res, shifted client batches would
+    otherwise rewrite the running statistics the server's high-res images are normalised with.
     """
     generator = torch.Generator().manual_seed(seed)
     sums = np.zeros(4)
@@ -121,6 +124,8 @@ def unsupervised_epoch(
         batch = {"img": img, **pseudo_labels(preds, img, conf_thres, iou_thres)}
         n_pseudo += int(batch["cls"].shape[0])
         train_mode(student)
+        if freeze_bn:
+            freeze_batchnorm_stats(student)
         criterion = student.criterion if getattr(student, "criterion", None) else student.init_criterion()
         student.criterion = criterion
         plain_bce = criterion.bce
