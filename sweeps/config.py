@@ -47,6 +47,7 @@ class SweepFile(BaseModel):
     scheduler: SchedulerConfig | None = Field(default_factory=SchedulerConfig)  # null: no early stopping
     n_startup_trials: int | None = Field(None, gt=0)  # TPE's random trials before it models (Optuna: 10)
     storage: Path | None = None  # the Tune experiment directory; default runs/sweeps/<name>
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)  # tried first, in order
     space: dict[str, Any]
 
     @field_validator("name")
@@ -118,6 +119,8 @@ class Sweep:
             out["sweep.grace_period"] = str(s.scheduler.grace_period)
             out["sweep.reduction_factor"] = str(s.scheduler.reduction_factor)
             out["sweep.max_t"] = str(self.max_t)
+        if s.points_to_evaluate:
+            out["sweep.points_to_evaluate"] = json.dumps(s.points_to_evaluate)
         out.update({f"space.{k}": describe(d) for k, d in self.space.items()})
         return out
 
@@ -181,7 +184,10 @@ def load_sweep(path: str | Path) -> Sweep:
         base_raw = apply_overrides(base_raw, list(spec.overrides))
         space = parse_space(spec.space, base_raw)
         base_cfg = parse(copy.deepcopy(base_raw))
-        for point in probe_points(space):
+        for i, point in enumerate(spec.points_to_evaluate):
+            if set(point) != set(space):
+                raise SpaceError(f"points_to_evaluate[{i}] must set exactly the space's keys {sorted(space)}")
+        for point in probe_points(space) + spec.points_to_evaluate:
             parse(with_params(base_raw, point))
     except SpaceError as exc:
         raise SweepConfigError(f"sweep: {exc}") from exc

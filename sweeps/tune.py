@@ -63,7 +63,8 @@ def build_search(sweep: Sweep):
     sampler = optuna.samplers.TPESampler(seed=s.seed, **sampler_args)
     metric: str | list[str] = sweep.metrics if sweep.multi_objective else sweep.metrics[0]
     mode: str | list[str] = sweep.modes if sweep.multi_objective else sweep.modes[0]
-    searcher = OptunaSearch(dict(sweep.space), metric=metric, mode=mode, sampler=sampler)
+    points = [dict(p) for p in s.points_to_evaluate] or None
+    searcher = OptunaSearch(dict(sweep.space), metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points)
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent_trials)
     if sweep.multi_objective:
         return searcher, None, None, None
