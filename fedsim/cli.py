@@ -198,7 +198,13 @@ def cmd_table(args) -> int:
         return _fail(str(exc))
     uri = resolve_uri(base.tracking.uri)
     todo = missing(cfgs, uri, base.tracking.experiment)
-    print(f"table: {len(cfgs) - len(todo)} of {len(cfgs)} runs already in MLflow; running {len(todo)}", flush=True)
+    recorded = len(cfgs) - len(todo)
+    if args.recorded_only:
+        todo = []
+    print(
+        f"table: {recorded} of {len(cfgs)} runs already in MLflow; running {len(todo)}",
+        flush=True,
+    )
     parallel = args.parallel or max(1, (os.cpu_count() or 2) // 2)
     try:
         run_all(todo, parallel)
@@ -276,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", required=True)
     table.add_argument("--parallel", type=int, default=None, help="simulations at once (default: cores / 2)")
     table.add_argument("--set", action="append", default=[])
+    table.add_argument("--recorded-only", action="store_true", help="run nothing; tabulate what MLflow holds")
     table.set_defaults(func=cmd_table)
 
     pre = sub.add_parser("pretrain", help="build (or find) the cached foundation checkpoint")
@@ -300,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     soda.add_argument("--out", required=True)
     soda.add_argument("--domain-key", default="weather", choices=["weather", "period", "location", "city"])
     data.set_defaults(func=cmd_data)
+    from dashboards.cli import add_parsers as add_dashboards
+    from sweeps.cli import add_parser as add_sweep
+
+    add_sweep(sub)
+    add_dashboards(sub)
     return parser
 
 

@@ -49,6 +49,8 @@ def missing(cfgs: list[ExperimentConfig], uri: str, experiment: str) -> list[Exp
 
 def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
     """Run simulations, ``parallel`` at a time, each on its own driver actor in one Ray cluster."""
+    if not cfgs:
+        return
     from fedsim.cli import init_ray, prepare_data, prepare_weights, simulate
 
     for cfg in cfgs:  # caches are shared: build them once, before any concurrency
