@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from fedsim.data.synthetic import CLASSES, DOMAINS
 
@@ -79,11 +88,50 @@ class ModelConfig(Section):
         return v
 
 
+class ProfileSpec(Section):
+    """A user device profile (``clients.profiles.<name>``); see fedsim/runtime/resources.py."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gib: float = Field(2.0, gt=0)  # per-job memory budget, and Ray's memory reservation
+    threads: int = Field(1, gt=0)
+    speed: float = Field(1.0, gt=0)  # compute relative to this machine (1.0)
+    up_mbps: float = Field(1000.0, gt=0)
+    down_mbps: float = Field(1000.0, gt=0)
+
+
+# Fields added after runs were recorded: left out of dumps while at their defaults, so configs that
+# do not use them keep their ``key()`` (and MLflow records stay matched to them).
+_OMITTED_AT_DEFAULT = {
+    "profiles": {},
+    "min_clients": 1,
+    "over_selection": 1.0,
+    "deadline_s": None,
+    "work": "train",
+    "image_cost_s": 0.05,
+}
+
+
 class ClientsConfig(Section):
+    """Virtual clients: how many, which are sampled, on which devices, and how a round waits for them.
+
+    ``profile`` is one profile name for every client, or a list assigned round-robin by client id
+    (client i gets ``profile[i % len(profile)]``). ``over_selection`` samples ``ceil(m * factor)``
+    clients and aggregates the first ``m`` to finish on the virtual clock; ``deadline_s`` (simulated
+    seconds) drops later ones too; a round with fewer than ``min_clients`` usable results aborts the
+    run. ``work: noop`` clients return the state they received (scale tests, benchmarks).
+    """
+
     num_clients: int = Field(3, gt=0)
     sampling_rate: float = 1.0  # fraction of clients sampled per round
-    profile: str = "cpu-1"  # device profile, see fedsim/runtime/resources.py
+    profiles: dict[str, ProfileSpec] = Field(default_factory=dict)  # user profiles, added to the built-in ones
+    profile: str | list[str] = "cpu-1"  # device profile(s), see fedsim/runtime/resources.py
     max_actors: int | None = Field(None, gt=0)  # cap on the client actor pool
+    min_clients: int = Field(1, ge=1)  # fewer usable results in a round: the run aborts
+    over_selection: float = Field(1.0, ge=1.0)  # FedScale's overcommitment factor
+    deadline_s: float | None = Field(None, gt=0)  # round deadline on the virtual clock
+    work: Literal["train", "noop"] = "train"
+    image_cost_s: float = Field(0.05, gt=0)  # virtual-clock seconds per image on a speed-1.0 device at 320 px
 
     @field_validator("sampling_rate")
     @classmethod
@@ -94,12 +142,36 @@ class ClientsConfig(Section):
 
     @field_validator("profile")
     @classmethod
-    def _profile(cls, v: str) -> str:
+    def _profile(cls, v: str | list[str], info: ValidationInfo) -> str | list[str]:
         from fedsim.runtime.resources import PROFILES
 
-        if v not in PROFILES:
-            raise ValueError(f"unknown device profile {v!r}; known: {sorted(PROFILES)}")
+        names = [v] if isinstance(v, str) else v
+        if not names:
+            raise ValueError("needs at least one device profile name")
+        known = {*PROFILES, *(info.data.get("profiles") or {})}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown device profile(s) {unknown}; known: {sorted(known)} (add your own under clients.profiles)"
+            )
         return v
+
+    @field_validator("min_clients")
+    @classmethod
+    def _quorum(cls, v: int, info: ValidationInfo) -> int:
+        if "num_clients" in info.data and "sampling_rate" in info.data:
+            per_round = max(1, int(round(info.data["sampling_rate"] * info.data["num_clients"])))
+            if v > per_round:
+                raise ValueError(f"can never be met: a round aggregates at most {per_round} clients")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults_of_new_fields(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for key, default in _OMITTED_AT_DEFAULT.items():
+            if key in data and data[key] == default:
+                del data[key]
+        return data
 
 
 class StrategyConfig(Section):
@@ -193,8 +265,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _scalar(value)
     return raw
+
+
+def _scalar(text: str) -> Any:
+    """YAML's reading of a --set value, except that ``1e-4`` is a number (YAML 1.1 says string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def parse(raw: dict) -> ExperimentConfig:

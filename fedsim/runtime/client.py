@@ -1,8 +1,22 @@
 """ClientActor: a simulated edge device that runs one ``(client_id, round)`` job at a time.
 
 An actor keeps nothing about any client between jobs: a job brings the client's shard path,
-the round's global state and a seed, so any actor can serve any client and a restarted actor
-loses nothing. What it does keep is the model skeleton with the frozen backbone, received once.
+its device profile's threads and memory budget, and a seed; the round's global state comes
+beside it. So any actor can serve any client and a restarted actor loses nothing. What it does
+keep is the model skeleton with the frozen backbone, received once.
+
+The memory budget is enforced twice. On CUDA, ``torch.cuda.set_per_process_memory_fraction``
+caps the allocator at the job's budget, so an over-budget job raises an OOM (reported as a
+failure) instead of taking memory from its neighbours. Always, the job's peak is measured
+(``PeakMemory``: CUDA allocator peak, else sampled RSS above the job's start) and a job whose
+peak exceeds the budget is reported as ``device budget exceeded: <peak> MiB > <budget> MiB``: a
+real device with that much memory would not have finished it. On CPU the check is after the
+fact (a thread cannot stop a training step halfway), so a job may briefly use more than its
+budget; the round just never sees its update.
+
+``clients.work: noop`` skips all of it but the transfers: the client returns the state it
+received, with ``num_samples = 1``, and touches no data. That is how the driver, the pool and the
+aggregation are measured and tested at scale without paying for training.
 """
 
 from __future__ import annotations
@@ -22,34 +36,76 @@ from fedsim.train.pseudo import EMATeacher, unsupervised_epoch
 from fedsim.train.supervised import build_dataset, make_loader, make_optimizer
 
 
+def budget_message(peak_mib: float, budget_mib: float) -> str:
+    return f"device budget exceeded: {peak_mib:.0f} MiB > {budget_mib:.0f} MiB"
+
+
+def cap_cuda_memory(budget_mib: float | None) -> None:
+    """Cap this process's CUDA allocator at the budget (a no-op without CUDA)."""
+    if budget_mib is None or not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_mib * 2**20 / total))
+
+
 class ClientWorker:
     """The work itself, separate from Ray so tests can run it in-process."""
 
     def __init__(
         self,
         cfg_dict: dict,
-        model_spec: dict,
-        full_state: dict[str, np.ndarray],
+        model_spec: dict | None,
+        full_state: dict[str, np.ndarray] | None,
         threads: int,
         budget_mib: float | None = None,
     ):
         from fedsim.config import ExperimentConfig
-        from strategies import build as build_strategy
 
         torch.set_num_threads(threads)
+        self.threads = threads
         self.cfg = ExperimentConfig.model_validate(cfg_dict)
-        self.strategy = build_strategy(self.cfg)
-        self.model = self.strategy.build_model(build_from_spec(model_spec, self.cfg.data.classes))
-        set_state(self.model, full_state)
         self.budget_mib = budget_mib
+        self.noop = self.cfg.clients.work == "noop"
+        if not self.noop:
+            from strategies import build as build_strategy
+
+            self.strategy = build_strategy(self.cfg)
+            self.model = self.strategy.build_model(build_from_spec(model_spec, self.cfg.data.classes))
+            set_state(self.model, full_state)
 
     def run(self, job: ClientJob, global_state: dict[str, np.ndarray]) -> ClientResult | ClientFailure:
         try:
-            return self._run(job, global_state)
+            budget = job.budget_mib if job.budget_mib is not None else self.budget_mib
+            threads = job.threads or self.threads
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            cap_cuda_memory(budget)
+            outcome = self._noop(job, global_state) if self.noop else self._train(job, global_state)
+            peak = outcome.metrics["peak_mem_mib"]
+            if budget is not None and peak > budget:
+                return ClientFailure(job.client_id, job.round, budget_message(peak, budget))
+            return outcome
         except Exception as exc:  # a failing client must not take the round down
             return ClientFailure(job.client_id, job.round, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
-    def _run(self, job: ClientJob, global_state: dict[str, np.ndarray]) -> ClientResult | ClientFailure:
+    def _noop(self, job: ClientJob, global_state: dict[str, np.ndarray]) -> ClientResult:
+        start = time.perf_counter()
+        with PeakMemory() as mem:
+            update = dict(global_state)
+        nbytes = float(sum(v.nbytes for v in global_state.values()))
+        metrics = {
+            "peak_mem_mib": mem.peak_mib,
+            "seconds": time.perf_counter() - start,
+            "bytes_up": nbytes,
+            "bytes_down": nbytes,
+            "work_images": 0.0,
+        }
+        return ClientResult(job.client_id, job.round, update, 1, metrics)
+
+    def _train(self, job: ClientJob, global_state: dict[str, np.ndarray]) -> ClientResult:
         start = time.perf_counter()
         s = job.settings
         torch.manual_seed(job.seed)
@@ -84,24 +140,25 @@ class ClientWorker:
             del teacher, optimizer
         metrics.update(self.strategy.client_metrics(model))
         update = get_state(model, keys)
-        bytes_down = sum(v.nbytes for v in global_state.values())
         metrics.update(
             peak_mem_mib=mem.peak_mib,
             seconds=time.perf_counter() - start,
             bytes_up=float(sum(v.nbytes for v in update.values())),
-            bytes_down=float(bytes_down),
+            bytes_down=float(sum(v.nbytes for v in global_state.values())),
+            work_images=float(len(dataset) * s["epochs"]),  # the virtual clock's compute measure
         )
-        if self.budget_mib is not None and mem.peak_mib > self.budget_mib:
-            return ClientFailure(
-                job.client_id, job.round, f"device budget exceeded: {mem.peak_mib:.0f} MiB > {self.budget_mib:.0f} MiB"
-            )
         return ClientResult(job.client_id, job.round, update, len(dataset), metrics)
 
 
 @ray.remote
 class ClientActor:
     def __init__(
-        self, cfg_dict: dict, model_spec: dict, full_state: dict, threads: int, budget_mib: float | None = None
+        self,
+        cfg_dict: dict,
+        model_spec: dict | None,
+        full_state: dict | None,
+        threads: int,
+        budget_mib: float | None = None,
     ):
         self.worker = ClientWorker(cfg_dict, model_spec, full_state, threads, budget_mib)
 

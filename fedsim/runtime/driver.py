@@ -3,6 +3,15 @@
 ``Simulation`` is the loop; ``DriverActor`` runs it inside Ray and streams one progress record per
 round back to whoever started it. Every finished round is in MLflow and in a checkpoint before
 the next one starts, so ``--resume`` continues from the last one with identical results.
+
+The client side of a round (sampling with over-selection, the actor pool, the virtual clock and
+the straggler cut) is ``rounds.ClientPhase``. Per round MLflow gets a fixed set of client figures
+(``clients/ok|failed|stragglers|selected``, ``round_sim_seconds`` beside ``round_seconds``) and one
+artifact table, ``clients/round_NNNN.csv``, with a row per selected client (profile, fate,
+simulated and wall seconds, peak memory): per-client metric keys would be N x rounds series at
+N = 1000. A round with fewer than ``clients.min_clients`` usable results ends the run with
+``TooFewClients`` after the previous round's checkpoint, leaving the MLflow run FAILED; ``--resume``
+continues from that checkpoint.
 """
 
 from __future__ import annotations
@@ -15,15 +24,25 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from ray.util import ActorPool
 
 from fedsim.config import ExperimentConfig
 from fedsim.data.partition import Partition
 from fedsim.model.detector import build_detector, get_state, model_spec, set_state, state_nbytes
 from fedsim.runtime.client import ClientActor
-from fedsim.runtime.messages import ClientFailure, ClientJob, ClientResult
-from fedsim.runtime.resources import PROFILES, actor_options, pool_size
-from fedsim.runtime.server import ServerTrainer, derive_seed
+from fedsim.runtime.pool import ClientPool
+from fedsim.runtime.resources import ProfileAssignment, actor_options, pool_size
+from fedsim.runtime.rounds import (
+    ClientPhase,
+    RoundOutcome,
+    ShardIndex,
+    TooFewClients,
+    check_quorum,
+    client_rows,
+    over_selected,
+    round_metrics,
+    write_client_rows,
+)
+from fedsim.runtime.server import ServerTrainer
 from fedsim.tracking import Tracker, git_commit
 
 
@@ -34,11 +53,6 @@ def checkpoint_path(run_dir: Path, rnd: int) -> Path:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / "checkpoints").glob("round_*.pt"))
     return found[-1] if found else None
-
-
-def client_mean(results: list[ClientResult], key: str) -> float:
-    values = [r.metrics[key] for r in results if key in r.metrics]
-    return float(np.mean(values)) if values else 0.0
 
 
 class Simulation:
@@ -70,30 +84,30 @@ class Simulation:
         self.extra_tags = extra_tags or {}
         self.fixed_pool_size = pool_size  # e.g. a Tune trial that reserved its bundles
         self.stop_after = stop_after  # end early, as a killed run would, leaving the MLflow run unfinished
-        self.pool: ActorPool | None = None
+        self.shards = ShardIndex.from_partition(self.partition)
+        self.profiles = ProfileAssignment.from_config(cfg.clients)
+        self.pool: ClientPool | None = None
+        self.phase: ClientPhase | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def _start_pool(self) -> None:
-        profile = PROFILES[self.cfg.clients.profile]
-        per_round = max(1, int(round(self.cfg.clients.sampling_rate * self.cfg.clients.num_clients)))
-        n = self.fixed_pool_size or pool_size(
-            profile, ray.available_resources(), per_round, self.cfg.clients.max_actors
-        )
+        c = self.cfg.clients
+        profile = self.profiles.pool_profile()
+        per_round = max(1, int(round(c.sampling_rate * c.num_clients)))
+        jobs_per_round = over_selected(per_round, c.over_selection, c.num_clients)
+        n = self.fixed_pool_size or pool_size(profile, ray.available_resources(), jobs_per_round, c.max_actors)
         # The whole model (frozen backbone included) travels once, when the pool starts.
-        self._full_state = ray.put(get_state(self.model, list(self.model.state_dict())))
-        actors = [self._new_actor() for _ in range(n)]
-        ray.get([a.ready.remote() for a in actors])
-        self.pool = ActorPool(actors)
+        noop = c.work == "noop"
+        self._full_state = None if noop else ray.put(get_state(self.model, list(self.model.state_dict())))
+        self._spec = None if noop else model_spec(self.model)
+        self.pool = ClientPool(self._new_actor, n)
         self.pool_size = n
+        self.phase = ClientPhase(self.cfg, self.strategy, self.shards, self.partition.client_imgsz, self.pool)
 
     def _new_actor(self):
-        profile = PROFILES[self.cfg.clients.profile]
+        profile = self.profiles.pool_profile()
         return ClientActor.options(**actor_options(profile)).remote(
-            self.cfg.model_dump(mode="json"),
-            model_spec(self.model),
-            self._full_state,
-            profile.threads,
-            profile.memory_gib * 1024,
+            self.cfg.model_dump(mode="json"), self._spec, self._full_state, profile.threads, profile.budget_mib
         )
 
     def _open_tracker(self, run_id: str | None) -> None:
@@ -165,46 +179,15 @@ class Simulation:
         self._save(rnd)
         return {"round": rnd, **metrics}
 
-    def _client_round(self, rnd: int) -> tuple[list[ClientResult], list[ClientFailure]]:
-        cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, rnd])
-        selected = self.strategy.sample_clients(rnd, cfg.clients.num_clients, rng)
-        shards = {c.client_id: c for c in self.partition.clients}
-        settings = self.strategy.client_settings(rnd)
-        state_ref = ray.put(self._state())
-        jobs = [
-            ClientJob(
-                cid,
-                rnd,
-                str(shards[cid].images),
-                self.partition.client_imgsz,
-                derive_seed(cfg.seed, rnd, cid, 3),
-                settings,
-            )
-            for cid in selected
-        ]
-        for job in jobs:
-            self.pool.submit(lambda actor, job: actor.run.remote(job, state_ref), job)
-        outcomes, died = [], []
-        while self.pool.has_next():
-            try:
-                outcomes.append(self.pool.get_next_unordered())
-            except ray.exceptions.RayActorError as exc:
-                # The pool drops the dead actor; a fresh one takes its place for the jobs left.
-                died.append(str(exc).splitlines()[0])
-                self.pool.push(self._new_actor())
-        answered = {o.client_id for o in outcomes}
-        outcomes += [
-            ClientFailure(j.client_id, rnd, f"client actor died: {died[0] if died else 'unknown'}")
-            for j in jobs
-            if j.client_id not in answered
-        ]
-        # Completion order varies between runs; aggregation order must not.
-        results = sorted((o for o in outcomes if isinstance(o, ClientResult)), key=lambda r: r.client_id)
-        failures = sorted((o for o in outcomes if isinstance(o, ClientFailure)), key=lambda f: f.client_id)
-        return results, failures
-
     def run(self) -> Iterator[dict]:
+        try:
+            yield from self._run()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+                self.pool = None
+
+    def _run(self) -> Iterator[dict]:
         start_round = 0
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None
         if ckpt is not None:
@@ -241,31 +224,29 @@ class Simulation:
         metrics: dict[str, float] = {}
         if self.strategy.uses_clients:
             global_state = self._state()
-            results, failures = self._client_round(rnd)
-            for f in failures:
+            outcome = self.phase.run(rnd, global_state)
+            for f in outcome.failures:
                 print(f"round {rnd}: client {f.client_id} failed: {f.error.splitlines()[0]}", flush=True)
-            if results:
-                set_state(self.model, self.strategy.aggregate(global_state, results, rnd))
-            metrics.update(
-                {
-                    "clients/ok": len(results),
-                    "clients/failed": len(failures),
-                    "client/box_loss": client_mean(results, "box_loss"),
-                    "client/cls_loss": client_mean(results, "cls_loss"),
-                    "client/n_pseudo": sum(r.metrics.get("n_pseudo", 0) for r in results),
-                    "client/peak_mem_mib": max((r.metrics.get("peak_mem_mib", 0) for r in results), default=0),
-                    "client/seconds": client_mean(results, "seconds"),
-                    "bytes_up": sum(r.metrics.get("bytes_up", 0) for r in results),
-                    "bytes_down": state_nbytes(global_state) * (len(results) + len(failures)),
-                }
-            )
-            domains = {c.client_id: c.domain for c in self.partition.clients}
-            metrics.update(self.strategy.round_metrics(results, domains))
+            self._log_clients(rnd, outcome)
+            try:
+                check_quorum(outcome, self.cfg.clients.min_clients)
+            except TooFewClients:
+                self.tracker.finish("FAILED")
+                raise
+            set_state(self.model, self.strategy.aggregate(global_state, outcome.kept, rnd))
+            metrics.update(round_metrics(outcome, state_nbytes(global_state)))
+            metrics.update(self.strategy.round_metrics(outcome.kept, self.shards))
+            outcome.release_updates()  # before the server epoch, which needs the memory more
         server_losses = self.strategy.server_update(self.server, rnd)
         metrics.update({f"server/{k}": v for k, v in server_losses.items()})
         metrics.update(self.server.evaluate())
         metrics["round_seconds"] = time.perf_counter() - t0
         return metrics
+
+    def _log_clients(self, rnd: int, outcome: RoundOutcome) -> None:
+        path = self.run_dir / "clients" / f"round_{rnd:04d}.csv"
+        write_client_rows(path, client_rows(outcome, self.profiles))
+        self.tracker.log_artifact(path, "clients")
 
 
 @ray.remote(max_restarts=0)

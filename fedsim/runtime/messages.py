@@ -1,4 +1,8 @@
-"""What travels between the driver and the client actors."""
+"""What travels between the driver and the client actors.
+
+A job is everything a client needs besides the round's global state, which travels once per
+round through the object store; so any actor can serve any client, whatever its device profile.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ class ClientJob:
     imgsz: int
     seed: int  # derived from (root seed, round, client): results do not depend on scheduling
     settings: dict[str, Any]
+    threads: int | None = None  # the device profile's torch threads (None: the actor's default)
+    budget_mib: float | None = None  # the device profile's memory budget (None: the actor's default)
 
 
 @dataclass

@@ -1,0 +1,251 @@
+"""One round's client side: sample, build jobs, run them on the pool, clock them, cut stragglers.
+
+Kept apart from ``driver.py`` (which adds the model, the server epoch, evaluation, MLflow and
+checkpoints) so that the benchmark and the scale tests run exactly this code with a no-op client.
+
+Memory. Nothing here is sized by the number of clients N: a client's shard comes from the
+partition index (``ShardIndex``), its profile from a round-robin rule (``ProfileAssignment``),
+its seed from ``derive_seed``. A round holds its own jobs and results (O(clients per round)) and
+drops them when it ends. Client ids at or beyond the partition's shards reuse shard
+``id % #shards`` (and that shard's domain), so N = 1000 virtual clients need not render 1000
+shards of images; a ``work: noop`` client never opens its shard at all.
+
+Determinism. The sample is drawn from ``default_rng([seed, round])``: the strategy picks its
+``m`` clients, over-selection then adds ``ceil(m * over_selection) - m`` more from the same
+generator. Job seeds depend on (seed, round, client) only; the clock uses work measures, not
+wall time (``clock.py``); the kept results are sorted by client id. So results do not depend
+on how many actors there are or in which order they finish.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from fedsim.runtime.clock import JobTime, first_to_finish, job_time
+from fedsim.runtime.messages import ClientFailure, ClientJob, ClientResult
+from fedsim.runtime.pool import ClientPool
+from fedsim.runtime.resources import ProfileAssignment
+from fedsim.runtime.server import derive_seed
+
+
+class TooFewClients(RuntimeError):
+    """A round in which fewer than ``clients.min_clients`` results arrived in time."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    images: str
+    domain: str
+    num_images: int
+
+
+class ShardIndex(Mapping):
+    """Client id -> shard, modulo the shards the partition has (also usable as id -> domain)."""
+
+    def __init__(self, shards: list[Shard]):
+        if not shards:
+            raise ValueError("the partition has no client shards")
+        self.shards = shards
+
+    @classmethod
+    def from_partition(cls, partition) -> ShardIndex:
+        ordered = sorted(partition.clients, key=lambda c: c.client_id)
+        return cls([Shard(str(c.images), c.domain, c.num_images) for c in ordered])
+
+    def shard(self, client_id: int) -> Shard:
+        return self.shards[client_id % len(self.shards)]
+
+    # Mapping[int, str]: the client's domain, which is what strategies' round_metrics look up.
+    def __getitem__(self, client_id: int) -> str:
+        return self.shard(int(client_id)).domain
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.shards)))
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+
+@dataclass
+class RoundOutcome:
+    rnd: int
+    wanted: int  # m: results the round aggregates at most
+    jobs: list[ClientJob]
+    kept: list[ClientResult]  # aggregated, by client id
+    stragglers: list[ClientResult]
+    failures: list[ClientFailure]
+    times: dict[int, JobTime]  # simulated, per finished client
+    round_sim_s: float
+
+    def release_updates(self) -> None:
+        """Drop the clients' states once aggregated (the object store can then reuse their pages)."""
+        for r in self.kept + self.stragglers:
+            r.update = {}
+
+
+def over_selected(wanted: int, factor: float, num_clients: int) -> int:
+    """Clients to sample so that ``wanted`` can be aggregated: ``ceil(wanted * factor)``, at most N."""
+    return min(num_clients, math.ceil(wanted * factor - 1e-9))  # 10 * 1.3 is 13.000000000000002
+
+
+def sample_clients(strategy: Any, cfg: Any, rnd: int) -> tuple[list[int], int]:
+    """(selected client ids, m): the strategy's m clients plus the over-selected extras, sorted."""
+    c = cfg.clients
+    rng = np.random.default_rng([cfg.seed, rnd])
+    primary = [int(x) for x in strategy.sample_clients(rnd, c.num_clients, rng)]
+    wanted = len(primary)
+    extra = over_selected(wanted, c.over_selection, c.num_clients) - wanted
+    taken = set(primary)
+    if extra > 0 and wanted + extra > c.num_clients // 2:
+        rest = np.array([i for i in range(c.num_clients) if i not in taken])
+        taken.update(int(x) for x in rng.choice(rest, size=extra, replace=False))
+    else:
+        while len(taken) < wanted + extra:  # rejection keeps memory O(selected), not O(N)
+            taken.add(int(rng.integers(c.num_clients)))
+    return sorted(taken), wanted
+
+
+class ClientPhase:
+    def __init__(self, cfg: Any, strategy: Any, shards: ShardIndex, imgsz: int, pool: ClientPool):
+        self.cfg = cfg
+        self.strategy = strategy
+        self.shards = shards
+        self.imgsz = imgsz
+        self.pool = pool
+        self.profiles = ProfileAssignment.from_config(cfg.clients)
+
+    def jobs(self, rnd: int, selected: list[int]) -> list[ClientJob]:
+        settings = self.strategy.client_settings(rnd)
+        out = []
+        for cid in selected:
+            profile = self.profiles.of(cid)
+            out.append(
+                ClientJob(
+                    cid,
+                    rnd,
+                    self.shards.shard(cid).images,
+                    self.imgsz,
+                    derive_seed(self.cfg.seed, rnd, cid, 3),
+                    settings,
+                    threads=profile.threads,
+                    budget_mib=profile.budget_mib,
+                )
+            )
+        return out
+
+    def run(self, rnd: int, state: dict[str, np.ndarray]) -> RoundOutcome:
+        c = self.cfg.clients
+        selected, wanted = sample_clients(self.strategy, self.cfg, rnd)
+        jobs = self.jobs(rnd, selected)
+        state_ref = ray.put(state)
+        outcomes = self.pool.run(jobs, state_ref)
+        del state_ref
+        results = [o for o in outcomes if isinstance(o, ClientResult)]
+        failures = sorted((o for o in outcomes if isinstance(o, ClientFailure)), key=lambda f: f.client_id)
+        times = {
+            r.client_id: job_time(
+                self.profiles.of(r.client_id),
+                r.metrics.get("work_images", 0.0),
+                self.imgsz,
+                r.metrics.get("bytes_down", 0.0),
+                r.metrics.get("bytes_up", 0.0),
+                c.image_cost_s,
+            )
+            for r in results
+        }
+        cut = first_to_finish(results, {k: t.total_s for k, t in times.items()}, wanted, c.deadline_s)
+        for r in cut.stragglers:
+            r.update = {}  # never aggregated: free them now
+        return RoundOutcome(rnd, wanted, jobs, cut.kept, cut.stragglers, failures, times, cut.round_sim_s)
+
+
+def check_quorum(outcome: RoundOutcome, min_clients: int) -> None:
+    if len(outcome.kept) < min_clients:
+        raise TooFewClients(
+            f"round {outcome.rnd}: only {len(outcome.kept)} of {len(outcome.jobs)} clients answered, "
+            f"below clients.min_clients={min_clients}"
+        )
+
+
+def _mean(results: list[ClientResult], key: str) -> float:
+    values = [r.metrics[key] for r in results if key in r.metrics]
+    return float(np.mean(values)) if values else 0.0
+
+
+def round_metrics(outcome: RoundOutcome, state_bytes: int) -> dict[str, float]:
+    """The round's client figures for MLflow: a fixed set of keys whatever N is."""
+    kept, finished = outcome.kept, outcome.kept + outcome.stragglers
+    return {
+        "clients/selected": len(outcome.jobs),
+        "clients/ok": len(kept),
+        "clients/failed": len(outcome.failures),
+        "clients/stragglers": len(outcome.stragglers),
+        "client/box_loss": _mean(kept, "box_loss"),
+        "client/cls_loss": _mean(kept, "cls_loss"),
+        "client/n_pseudo": sum(r.metrics.get("n_pseudo", 0) for r in kept),
+        "client/peak_mem_mib": max((r.metrics.get("peak_mem_mib", 0) for r in finished), default=0),
+        "client/seconds": _mean(kept, "seconds"),
+        "bytes_up": sum(r.metrics.get("bytes_up", 0) for r in kept),
+        "bytes_down": state_bytes * len(outcome.jobs),
+        "round_sim_seconds": outcome.round_sim_s,
+    }
+
+
+CLIENT_COLUMNS = [
+    "client_id",
+    "profile",
+    "status",
+    "sim_seconds",
+    "down_s",
+    "compute_s",
+    "up_s",
+    "wall_seconds",
+    "peak_mem_mib",
+    "num_samples",
+    "error",
+]
+
+
+def client_rows(outcome: RoundOutcome, profiles: ProfileAssignment) -> list[dict[str, Any]]:
+    """One row per selected client: its profile, fate, simulated times and measured peak memory."""
+    status = {r.client_id: ("ok", r) for r in outcome.kept}
+    status.update({r.client_id: ("straggler", r) for r in outcome.stragglers})
+    errors = {f.client_id: f.error.splitlines()[0] if f.error else "" for f in outcome.failures}
+    rows = []
+    for job in outcome.jobs:
+        cid = job.client_id
+        state, result = status.get(cid, ("failed", None))
+        t = outcome.times.get(cid)
+        m = result.metrics if result else {}
+        rows.append(
+            {
+                "client_id": cid,
+                "profile": profiles.name_of(cid),
+                "status": state,
+                "sim_seconds": round(t.total_s, 6) if t else "",
+                "down_s": round(t.down_s, 6) if t else "",
+                "compute_s": round(t.compute_s, 6) if t else "",
+                "up_s": round(t.up_s, 6) if t else "",
+                "wall_seconds": round(m["seconds"], 4) if "seconds" in m else "",
+                "peak_mem_mib": round(m["peak_mem_mib"], 1) if "peak_mem_mib" in m else "",
+                "num_samples": result.num_samples if result else "",
+                "error": errors.get(cid, ""),
+            }
+        )
+    return rows
+
+
+def write_client_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
