@@ -29,7 +29,7 @@ th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 th { background: #eef2f7; } td:first-child, th:first-child { text-align: left; }
 tr:nth-child(even) td { background: #fafafa; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 6px 0; }
-.meta { color: #555; font-size: 12px; }
+.meta { color: #555; font-size: 12px; } .scroll { overflow-x: auto; }
 """
 
 
@@ -38,7 +38,17 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, escape=True)
+    """HTML for a table: numbers (params arrive as strings) to 4 significant digits, run ids shortened."""
+    shown = df.copy()
+    for c in shown.columns:
+        if not pd.api.types.is_numeric_dtype(shown[c]):
+            numeric = pd.to_numeric(shown[c], errors="coerce")
+            if numeric.notna().sum() == shown[c].notna().sum() and shown[c].notna().any():
+                shown[c] = numeric
+    if "run_id" in shown:
+        shown["run_id"] = shown["run_id"].str[:8]
+    body = shown.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, escape=True)
+    return f"<div class='scroll'>{body}</div>"
 
 
 def _sweep_section(name: str, children: pd.DataFrame, parents: pd.DataFrame) -> list[str]:

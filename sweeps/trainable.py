@@ -37,20 +37,27 @@ class TrialSetup:
     sims_dir: str
 
 
-def client_bundle(profile_name: str) -> dict[str, float]:
-    """One client actor's reservation, from the device profile (zero amounts left out)."""
-    from fedsim.runtime.resources import PROFILES, actor_options
+def client_bundle(clients) -> dict[str, float]:
+    """One client actor's reservation: the pool profile of ``clients.profile`` (zero amounts left out).
 
-    opts = actor_options(PROFILES[profile_name])
+    The driver's pool actors all reserve the element-wise maximum of the profiles in use, so the
+    bundles must hold exactly that.
+    """
+    from fedsim.runtime.resources import ProfileAssignment, actor_options
+
+    opts = actor_options(ProfileAssignment.from_config(clients).pool_profile())
     bundle = {"CPU": float(opts["num_cpus"]), "GPU": float(opts["num_gpus"]), "memory": float(opts["memory"])}
     return {k: v for k, v in bundle.items() if v > 0}
 
 
 def client_pool_size(cfg) -> int:
-    """Client actors a trial keeps: the clients sampled per round, capped by ``clients.max_actors``."""
+    """Client actors a trial keeps: the jobs of one round (over-selection included), capped by max_actors."""
+    from fedsim.runtime.rounds import over_selected
+
     c = cfg.clients
     per_round = max(1, int(round(c.sampling_rate * c.num_clients)))
-    return min(per_round, c.max_actors) if c.max_actors else per_round
+    jobs = over_selected(per_round, c.over_selection, c.num_clients)
+    return min(jobs, c.max_actors) if c.max_actors else jobs
 
 
 def trial_bundles(cfg) -> list[dict[str, float]]:
@@ -58,7 +65,7 @@ def trial_bundles(cfg) -> list[dict[str, float]]:
 
     uses_clients = get(cfg.strategy.name).uses_clients
     k = client_pool_size(cfg) if uses_clients else 0
-    return [dict(DRIVER_BUNDLE)] + [client_bundle(cfg.clients.profile)] * k
+    return [dict(DRIVER_BUNDLE)] + [client_bundle(cfg.clients)] * k
 
 
 @dataclass(frozen=True)

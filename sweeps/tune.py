@@ -91,16 +91,9 @@ def _tuner(sweep: Sweep, setup, resume: bool):
     from ray import tune
 
     trainable = _trainable(sweep, setup)
-    path = str(sweep.storage)
-    if tune.Tuner.can_restore(path):
-        if not resume:
-            raise SweepConfigError(
-                f"sweep: {path} already holds this sweep; continue it with --resume or choose another storage"
-            )
-        print(f"sweep: resuming {path}", flush=True)
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     if resume:
-        print(f"sweep: nothing to resume in {path}; starting the sweep", flush=True)
+        print(f"sweep: resuming {sweep.storage}", flush=True)
+        return tune.Tuner.restore(str(sweep.storage), trainable, resume_unfinished=True, resume_errored=True)
     searcher, scheduler, metric, mode = build_search(sweep)
     s = sweep.spec
     return tune.Tuner(
@@ -150,6 +143,7 @@ def _show(title: str, table: pd.DataFrame) -> None:
 def run_sweep(sweep_path: Path, resume: bool = False) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep described by a sweep YAML."""
     import ray
+    from ray import tune
 
     from fedsim.cli import prepare_data, prepare_weights
     from fedsim.config import parse
@@ -161,6 +155,13 @@ def run_sweep(sweep_path: Path, resume: bool = False) -> SweepResult:
 
     t0 = time.perf_counter()
     sweep = load_sweep(sweep_path)
+    restorable = tune.Tuner.can_restore(str(sweep.storage))
+    if restorable and not resume:
+        raise SweepConfigError(
+            f"sweep: {sweep.storage} already holds this sweep; continue it with --resume or choose another storage"
+        )
+    if resume and not restorable:
+        print(f"sweep: nothing to resume in {sweep.storage}; starting the sweep", flush=True)
     base = parse(copy.deepcopy(sweep.base_raw))
     uri = resolve_uri(base.tracking.uri)
     sweep.storage.mkdir(parents=True, exist_ok=True)
@@ -173,7 +174,7 @@ def run_sweep(sweep_path: Path, resume: bool = False) -> SweepResult:
     started = cluster.start(bundles, sweep.spec.max_concurrent_trials)
     try:
         cluster.check_fits(bundles)
-        grid = _tuner(sweep, setup, resume).fit()
+        grid = _tuner(sweep, setup, resume and restorable).fit()
         trials = trial_table(grid, list(sweep.space), sweep.metrics, sweep.rounds)
         runs = close_children(parent, trials)
         trials.insert(3, "run_id", trials["trial_id"].map(runs))
