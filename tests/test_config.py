@@ -60,3 +60,10 @@ def test_shipped_configs_are_valid():
         if (raw.get("data") or {}).get("format") == "yolo":
             continue  # point at data sets a user brings
         load(path)
+
+
+def test_set_reads_exponent_floats_as_numbers():
+    from fedsim.config import apply_overrides
+
+    raw = apply_overrides({}, ["train.lr=1e-4", "strategy.params.mu=5e-3", "name=abc", "rounds=3"])
+    assert raw == {"train": {"lr": 1e-4}, "strategy": {"params": {"mu": 5e-3}}, "name": "abc", "rounds": 3}

@@ -230,7 +230,9 @@ def _image_size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as img:
             return img.size if min(img.size) > 0 else None
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError, Image.DecompressionBombError, ImportError):
+        # ImportError: once Ultralytics is imported, its patched Image.open tries an optional
+        # HEIF plugin on files PIL cannot identify, and that import fails here.
         return None
 
 
