@@ -19,13 +19,15 @@ export YOLO_OFFLINE := 1
 # Tests run inside a loopback-only network namespace when the machine allows it (root + unshare):
 # a second guard, beside the proxy block, that nothing leaves the machine.
 NETNS := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
+# Package installs must reach the registries: they run without the loopback proxy block.
+NOPROXY := env -u http_proxy -u HTTP_PROXY -u https_proxy -u HTTPS_PROXY
 
 .PHONY: venv demo test lint bench sysdeps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(NOPROXY) $(BIN)/python -m pip install -q --upgrade pip
+	$(NOPROXY) $(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
 venv: $(STAMP)
@@ -36,7 +38,7 @@ sysdeps:
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    $(NOPROXY) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(NOPROXY) apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "note: missing$$missing; the tests that need them will be skipped"; fi; \
 	fi
 
