@@ -8,16 +8,12 @@ import re
 import mlflow
 import pytest
 
-from fedsim.cli import prepare_data
 from fedsim.config import load
-from fedsim.model.detector import build_detector, get_state
-from fedsim.runtime.client import ClientWorker
 from fedsim.runtime.clock import first_to_finish, job_time
-from fedsim.runtime.messages import ClientFailure, ClientResult
+from fedsim.runtime.messages import ClientResult
 from fedsim.runtime.resources import PROFILES, DeviceProfile, ProfileAssignment
-from fedsim.runtime.rounds import ClientPhase, ShardIndex, TooFewClients
-from strategies import build as build_strategy
-from tests.conftest import TINY
+from fedsim.runtime.rounds import TooFewClients
+from tests.conftest import TINY, run_fedsim
 from tests.test_scale import NOOP, local_ray, simulate, store, tiny  # noqa: F401  (fixtures)
 
 
@@ -51,23 +47,16 @@ def test_profiles_mix_round_robin_and_the_pool_reserves_the_most_demanding():
     assert (pool.num_cpus, pool.memory_gib) == (2, 6)
 
 
-def test_over_budget_job_is_a_failure_not_a_crash(tmp_path, cpu_threads):
-    cfg = load(
-        TINY,
-        ["clients.profiles={tiny-ram: {memory_gib: 0.001}}", "clients.profile=tiny-ram", "data.client_images=8"],
-    )
-    part = prepare_data(cfg)
-    strategy = build_strategy(cfg)
-    model = strategy.build_model(build_detector(cfg.model.arch, cfg.data.classes))
-    budget = ProfileAssignment.from_config(cfg.clients).of(0).budget_mib
-    full = get_state(model, list(model.state_dict()))
-    worker = ClientWorker(cfg.model_dump(mode="json"), {"yaml": model.yaml}, full, threads=1)
-    phase = ClientPhase(cfg, strategy, ShardIndex.from_partition(part), part.client_imgsz, pool=None)
-    [job] = phase.jobs(1, [0])
-    assert job.budget_mib == budget == pytest.approx(1.024)
-    out = worker.run(job, get_state(model))
-    assert isinstance(out, ClientFailure) and out.client_id == 0
-    assert re.fullmatch(r"device budget exceeded: \d+ MiB > 1 MiB", out.error), out.error
+def test_over_budget_job_is_a_failure_not_a_crash(tmp_path):
+    # Real client actors (fresh processes, as on a device): client 0 has a 1 MiB budget, client 1 not.
+    sets = ["rounds=1", "clients.profiles={tiny-ram: {memory_gib: 0.001}}", "clients.profile=[tiny-ram,cpu-1]"]
+    out = run_fedsim(["run", str(TINY), *sum((["--set", s] for s in sets), [])], cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert re.search(r"client 0 failed: device budget exceeded: \d+ MiB > 1 MiB", out.stdout), out.stdout[-2000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["tiny"]).iloc[0]
+    assert run["status"] == "FINISHED"
+    assert run["metrics.clients/failed"] == 1 and run["metrics.clients/ok"] == 1
 
 
 def test_deadline_and_over_selection_cut_stragglers_on_the_virtual_clock(local_ray, store, tmp_path):  # noqa: F811

@@ -8,7 +8,7 @@ keep is the model skeleton with the frozen backbone, received once.
 The memory budget is enforced twice. On CUDA, ``torch.cuda.set_per_process_memory_fraction``
 caps the allocator at the job's budget, so an over-budget job raises an OOM (reported as a
 failure) instead of taking memory from its neighbours. Always, the job's peak is measured
-(``PeakMemory``: CUDA allocator peak, else sampled RSS above the job's start) and a job whose
+(``PeakMemory``: CUDA allocator peak, else sampled RSS above the worker's post-build baseline) and a job whose
 peak exceeds the budget is reported as ``device budget exceeded: <peak> MiB > <budget> MiB``: a
 real device with that much memory would not have finished it. On CPU the check is after the
 fact (a thread cannot stop a training step halfway), so a job may briefly use more than its
@@ -30,7 +30,7 @@ import ray
 import torch
 
 from fedsim.model.detector import build_from_spec, get_state, set_state
-from fedsim.runtime.memory import PeakMemory
+from fedsim.runtime.memory import PeakMemory, rss_bytes
 from fedsim.runtime.messages import ClientFailure, ClientJob, ClientResult
 from fedsim.train.pseudo import EMATeacher, unsupervised_epoch
 from fedsim.train.supervised import build_dataset, make_loader, make_optimizer
@@ -72,6 +72,7 @@ class ClientWorker:
             self.strategy = build_strategy(self.cfg)
             self.model = self.strategy.build_model(build_from_spec(model_spec, self.cfg.data.classes))
             set_state(self.model, full_state)
+        self.base_rss = rss_bytes()  # after the build: what the worker holds before any job
 
     def run(self, job: ClientJob, global_state: dict[str, np.ndarray]) -> ClientResult | ClientFailure:
         try:
@@ -93,7 +94,7 @@ class ClientWorker:
 
     def _noop(self, job: ClientJob, global_state: dict[str, np.ndarray]) -> ClientResult:
         start = time.perf_counter()
-        with PeakMemory() as mem:
+        with PeakMemory(self.base_rss) as mem:
             update = dict(global_state)
         nbytes = float(sum(v.nbytes for v in global_state.values()))
         metrics = {
@@ -118,7 +119,7 @@ class ClientWorker:
         received = {k: torch.from_numpy(np.array(v)) for k, v in global_state.items()}
         dataset = build_dataset(job.images, job.imgsz, self.cfg.data.classes, s["batch"])
         self.strategy.client_begin(model)
-        with PeakMemory() as mem:
+        with PeakMemory(self.base_rss) as mem:
             teacher = EMATeacher(model, s["ema_momentum"], keys)
             optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
             metrics: dict[str, float] = {}

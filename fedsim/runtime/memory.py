@@ -1,4 +1,9 @@
-"""Peak memory of one piece of work: CUDA allocator peak, or sampled RSS above the start."""
+"""Peak memory of one piece of work: CUDA allocator peak, or sampled RSS above a baseline.
+
+The RSS baseline should be taken once, when the worker is built (``rss_bytes()``), not at each
+job's start: the allocator keeps pages from earlier jobs resident, so growth from a warm start
+under-reports what a job needs (a device would have to hold those pages too).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ import torch
 
 
 class PeakMemory:
-    """``with PeakMemory() as pm: ...`` then ``pm.peak_mib``: the most the work added."""
+    """``with PeakMemory(base) as pm: ...`` then ``pm.peak_mib``: the most RSS above ``base`` (default:
+    the RSS at entry) seen during the work."""
 
-    def __init__(self, interval_s: float = 0.005):
+    def __init__(self, base_rss: int | None = None, interval_s: float = 0.005):
+        self.base_rss = base_rss
         self.interval_s = interval_s
         self.peak_mib = 0.0
         self._stop = threading.Event()
@@ -28,7 +35,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._cuda_base = torch.cuda.memory_allocated()
         process = psutil.Process()
-        self._thread = threading.Thread(target=self._sample, args=(process, process.memory_info().rss), daemon=True)
+        base = process.memory_info().rss if self.base_rss is None else self.base_rss
+        self._thread = threading.Thread(target=self._sample, args=(process, base), daemon=True)
         self._thread.start()
         return self
 
@@ -39,3 +47,7 @@ class PeakMemory:
             self.peak_mib = (torch.cuda.max_memory_allocated() - self._cuda_base) / 2**20
         else:
             self.peak_mib = max(0, self._rss_peak) / 2**20
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
