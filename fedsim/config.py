@@ -298,14 +298,19 @@ def parse(raw: dict) -> ExperimentConfig:
     return cfg
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    path = Path(path)
+def read_yaml_mapping(path: Path, prefix: str, error: type[Exception], kind: str = "config file") -> dict:
+    """The top-level mapping of a YAML file; a missing file, bad YAML or a non-mapping raise ``error``."""
     if not path.is_file():
-        raise ConfigError(f"fedsim: config error: config file not found: {path}")
+        raise error(f"{prefix}{kind} not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"fedsim: config error: {path} is not valid YAML: {exc}") from exc
+        raise error(f"{prefix}{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"fedsim: config error: {path} must hold a mapping at the top level")
+        raise error(f"{prefix}{path} must hold a mapping at the top level")
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = read_yaml_mapping(Path(path), "fedsim: config error: ", ConfigError)
     return parse(apply_overrides(raw, overrides or []))

@@ -163,17 +163,10 @@ def _describe(err: dict) -> str:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file (and its base config, at the corners of its space)."""
-    from fedsim.config import ConfigError, apply_overrides, parse
+    from fedsim.config import ConfigError, apply_overrides, parse, read_yaml_mapping
 
     path = Path(path).resolve()
-    if not path.is_file():
-        raise SweepConfigError(f"sweep: file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepConfigError(f"sweep: {path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise SweepConfigError(f"sweep: {path} must hold a mapping at the top level")
+    raw = read_yaml_mapping(path, "sweep: ", SweepConfigError, kind="file")
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as exc:
