@@ -108,15 +108,24 @@ def _not_in_job_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in taken}
 
 
+def _run_dir_base(cfg) -> str:
+    return f"{cfg.name}-{cfg.strategy.name}-s{cfg.seed}-{cfg.key()}"
+
+
+def earlier_run_dir(cfg) -> Path | None:
+    """The newest run directory of exactly this config, if one was started before."""
+    found = sorted(Path(cfg.output_dir).resolve().glob(f"{_run_dir_base(cfg)}-*"))
+    return found[-1] if found else None
+
+
 def new_run_dir(cfg, resume: bool) -> Path:
-    base = f"{cfg.name}-{cfg.strategy.name}-s{cfg.seed}-{cfg.key()}"
-    root = Path(cfg.output_dir).resolve()
     if resume:
-        found = sorted(root.glob(f"{base}-*"))
+        found = earlier_run_dir(cfg)
         if found:
-            return found[-1]
+            return found
+        root = Path(cfg.output_dir).resolve()
         print(f"resume: no earlier run of this config under {root}; starting a new one", flush=True)
-    return root / f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.output_dir).resolve() / f"{_run_dir_base(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def format_round(rec: dict, domains: list[str], rounds: int) -> str:

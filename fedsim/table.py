@@ -2,7 +2,9 @@
 
 A (strategy, seed) counts as recorded when a FINISHED run in the experiment carries the
 ``config_key`` of exactly that config, so changing anything else in the config reruns it. The
-table itself is built from ``mlflow.search_runs``, never from the runs just made in memory.
+table itself is built from ``mlflow.search_runs``, never from the runs just made in memory. A pair
+whose run directory exists but whose MLflow run never finished is resumed from its last
+checkpoint, so an interrupted table loses no finished round.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
     """Run simulations, ``parallel`` at a time, each on its own driver actor in one Ray cluster."""
     if not cfgs:
         return
-    from fedsim.cli import init_ray, prepare_data, prepare_weights, simulate
+    from fedsim.cli import earlier_run_dir, init_ray, prepare_data, prepare_weights, simulate
 
     for cfg in cfgs:  # caches are shared: build them once, before any concurrency
         prepare_data(cfg)
@@ -72,7 +74,10 @@ def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
                 cfg = pending.pop(0)
             tag = f"[{cfg.strategy.name} seed {cfg.seed}]"
             try:
-                simulate(cfg, echo=lambda line, tag=tag: echo(f"{tag} {line}"), pool_size=pool)
+                # A pair that was started but never finished (killed, out of time) continues from
+                # its last round checkpoint, in the same MLflow run, instead of starting over.
+                resume = earlier_run_dir(cfg) is not None
+                simulate(cfg, resume=resume, echo=lambda line, tag=tag: echo(f"{tag} {line}"), pool_size=pool)
             except BaseException as exc:  # report every failure after the others finished
                 errors.append(exc)
 

@@ -6,6 +6,13 @@ from tests.conftest import TINY, run_fedsim
 
 
 def test_table_runs_missing_pairs_once_and_reads_mlflow(tmp_path):
+    # One pair was started before and died after round 1: the table continues it, not restarts it.
+    early = run_fedsim(
+        ["run", str(TINY), "--set", "strategy.name=scl_frozen", "--set", "rounds=2", "--stop-after", "1"],
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert early.returncode == 0, early.stderr[-3000:]
     args = [
         "table",
         "--config",
@@ -17,18 +24,22 @@ def test_table_runs_missing_pairs_once_and_reads_mlflow(tmp_path):
         "--out",
         str(tmp_path / "out"),
         "--set",
-        "rounds=1",
+        "rounds=2",
     ]
     first = run_fedsim(args, cwd=tmp_path, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "0 of 2 runs already in MLflow; running 2" in first.stdout
+    assert "[scl_frozen seed 0] resumed" in first.stdout
     second = run_fedsim(args, cwd=tmp_path, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "2 of 2 runs already in MLflow; running 0" in second.stdout
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["tiny"])
-    assert len(runs) == 2  # nothing was run twice
+    assert len(runs) == 2  # nothing was run twice, the interrupted pair included
+    resumed = runs[runs["tags.strategy"] == "scl_frozen"].iloc[0]
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(resumed["run_id"], "map50/total")]
+    assert steps == [0, 1, 2]
     rows = list(csv.DictReader((tmp_path / "out" / "table.csv").open()))
     assert [r["strategy"] for r in rows] == ["server_only", "scl_frozen"]
     for row in rows:
