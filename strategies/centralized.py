@@ -4,8 +4,10 @@
   ``rounds x server_epochs`` epochs, exactly the supervised epochs a federated run gets.
 - ``scl_full``: the same with the whole model training (backbone included).
 - ``server_only``: the warm-up model alone (no rounds).
-- ``oracle``: supervised on *all* labels, the server's and the clients' true ones (clients'
-  images at their own resolution), frozen backbone: the upper bound PSSFL cannot reach.
+- ``oracle``: supervised on *all* labels, the server's and the clients' true ones, frozen
+  backbone: the upper bound PSSFL cannot reach. Each holder's images train at their own
+  resolution (every batch comes from one of them), as they would in FL and as they are tested:
+  upscaling the clients' low-res images to the server's size teaches objects at the wrong scale.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from fedsim.train.supervised import build_dataset
+from fedsim.train.supervised import ResolutionGroups, build_dataset
 from strategies.base import Strategy
 
 
@@ -53,5 +55,6 @@ class Oracle(SCLFrozen):
 
     def on_start(self, server: Any) -> None:
         part = server.partition
-        dirs = [str(part.server_images)] + [str(part.labeled_client_view(c.client_id)) for c in part.clients]
-        server.dataset = build_dataset(dirs, part.server_imgsz, part.names, self.cfg.train.batch)
+        clients = [str(part.labeled_client_view(c.client_id)) for c in part.clients]
+        labeled = build_dataset(clients, part.client_imgsz, part.names, self.cfg.train.batch)
+        server.dataset = ResolutionGroups([server.dataset, labeled])

@@ -96,3 +96,24 @@ def test_centralized_strategies_shape_the_run():
     model = strategy("scl_full").build_model(build_detector("yolov8n.yaml", list("abcde")))
     assert model.model[0].conv.weight.requires_grad
     assert len(strategy("scl_full").state_keys(model)) == len(model.state_dict())
+
+
+def test_oracle_trains_every_holder_at_its_own_resolution(shard):
+    from fedsim.runtime.server import ServerTrainer
+
+    cfg, part = shard
+    server = ServerTrainer(build_detector(cfg.model.arch, cfg.data.classes), part, cfg)
+    server_only = len(server.dataset)
+    strategy("oracle").on_start(server)
+    clients = sum(c.num_images for c in part.clients)
+    assert server.num_samples == server_only + clients
+    seen, shapes = [], {}
+    for batch in server.loader(shuffle=True, seed=3):
+        shape = tuple(batch["img"].shape[2:])
+        holders = {"server" if "server" in f else "clients" for f in batch["im_file"]}
+        assert len(holders) == 1  # a batch never mixes resolutions
+        shapes.setdefault(holders.pop(), set()).add(shape)
+        seen += batch["im_file"]
+    assert len(seen) == len(set(seen)) == server_only + clients  # each labeled image once per epoch
+    (hi,), (lo,) = shapes["server"], shapes["clients"]
+    assert max(hi) == part.server_imgsz and max(lo) == part.client_imgsz < part.server_imgsz

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from fedsim.model.detector import train_mode
 
@@ -49,10 +49,48 @@ def build_dataset(images: str | Path | list[str], imgsz: int, names: list[str], 
     return dataset
 
 
+class ResolutionGroups(ConcatDataset):
+    """Labeled sets trained together, each at its own resolution (e.g. the server's high-res set
+    and the clients' low-res ones): ``make_loader`` draws every batch from a single set, so no
+    image is rescaled to another holder's size."""
+
+    def collate_fn(self, batch: list[dict]) -> dict:
+        return self.datasets[0].collate_fn(batch)
+
+
+class GroupedBatches(Sampler[list[int]]):
+    """Shuffled batches that never mix groups; the batch order is shuffled across groups."""
+
+    def __init__(self, sizes: list[int], batch: int, shuffle: bool, generator: torch.Generator):
+        self.sizes, self.batch, self.shuffle, self.generator = sizes, batch, shuffle, generator
+
+    def __iter__(self):
+        batches, offset = [], 0
+        for n in self.sizes:
+            order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+            idx = (order + offset).tolist()
+            batches += [idx[i : i + self.batch] for i in range(0, n, self.batch)]
+            offset += n
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return sum(math.ceil(n / self.batch) for n in self.sizes)
+
+
 def make_loader(dataset, batch: int, shuffle: bool, seed: int) -> DataLoader:
     """In-process loader (``num_workers=0``) with its own seeded generator: the order depends on
     ``seed`` only, whatever else the process has drawn from torch's global RNG."""
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(dataset, ResolutionGroups):
+        sizes = [len(d) for d in dataset.datasets]
+        return DataLoader(
+            dataset,
+            batch_sampler=GroupedBatches(sizes, batch, shuffle, generator),
+            num_workers=0,
+            collate_fn=dataset.collate_fn,
+        )
     return DataLoader(
         dataset,
         batch_size=min(batch, len(dataset)),
