@@ -112,6 +112,10 @@ _OMITTED_AT_DEFAULT = {
 }
 
 
+def clients_per_round(sampling_rate: float, num_clients: int) -> int:
+    return max(1, int(round(sampling_rate * num_clients)))
+
+
 class ClientsConfig(Section):
     """Virtual clients: how many, which are sampled, on which devices, and how a round waits for them.
 
@@ -132,6 +136,11 @@ class ClientsConfig(Section):
     deadline_s: float | None = Field(None, gt=0)  # round deadline on the virtual clock
     work: Literal["train", "noop"] = "train"
     image_cost_s: float = Field(0.05, gt=0)  # virtual-clock seconds per image on a speed-1.0 device at 320 px
+
+    @property
+    def per_round(self) -> int:
+        """Clients a round aggregates: ``round(sampling_rate * num_clients)``, at least one."""
+        return clients_per_round(self.sampling_rate, self.num_clients)
 
     @field_validator("sampling_rate")
     @classmethod
@@ -160,7 +169,7 @@ class ClientsConfig(Section):
     @classmethod
     def _quorum(cls, v: int, info: ValidationInfo) -> int:
         if "num_clients" in info.data and "sampling_rate" in info.data:
-            per_round = max(1, int(round(info.data["sampling_rate"] * info.data["num_clients"])))
+            per_round = clients_per_round(info.data["sampling_rate"], info.data["num_clients"])
             if v > per_round:
                 raise ValueError(f"can never be met: a round aggregates at most {per_round} clients")
         return v

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from fedsim.config import clients_per_round
 from fedsim.model.detector import freeze_backbone, trainable_keys
 from fedsim.runtime.messages import ClientResult
 
@@ -86,7 +87,7 @@ class Strategy:
 
     # -- the clients ---------------------------------------------------------------------------
     def sample_clients(self, rnd: int, num_clients: int, rng: np.random.Generator) -> list[int]:
-        m = max(1, int(round(self.cfg.clients.sampling_rate * num_clients)))
+        m = clients_per_round(self.cfg.clients.sampling_rate, num_clients)
         return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
 
     def client_settings(self, rnd: int) -> dict[str, Any]:

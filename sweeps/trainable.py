@@ -52,12 +52,10 @@ def client_bundle(clients) -> dict[str, float]:
 
 def client_pool_size(cfg) -> int:
     """Client actors a trial keeps: the jobs of one round (over-selection included), capped by max_actors."""
-    from fedsim.runtime.rounds import over_selected
+    from fedsim.runtime.rounds import jobs_per_round
 
-    c = cfg.clients
-    per_round = max(1, int(round(c.sampling_rate * c.num_clients)))
-    jobs = over_selected(per_round, c.over_selection, c.num_clients)
-    return min(jobs, c.max_actors) if c.max_actors else jobs
+    jobs = jobs_per_round(cfg.clients)
+    return min(jobs, cfg.clients.max_actors) if cfg.clients.max_actors else jobs
 
 
 def trial_bundles(cfg) -> list[dict[str, float]]:

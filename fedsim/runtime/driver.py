@@ -38,7 +38,7 @@ from fedsim.runtime.rounds import (
     TooFewClients,
     check_quorum,
     client_rows,
-    over_selected,
+    jobs_per_round,
     round_metrics,
     write_client_rows,
 )
@@ -93,9 +93,7 @@ class Simulation:
     def _start_pool(self) -> None:
         c = self.cfg.clients
         profile = self.profiles.pool_profile()
-        per_round = max(1, int(round(c.sampling_rate * c.num_clients)))
-        jobs_per_round = over_selected(per_round, c.over_selection, c.num_clients)
-        n = self.fixed_pool_size or pool_size(profile, ray.available_resources(), jobs_per_round, c.max_actors)
+        n = self.fixed_pool_size or pool_size(profile, ray.available_resources(), jobs_per_round(c), c.max_actors)
         # The whole model (frozen backbone included) travels once, when the pool starts.
         noop = c.work == "noop"
         self._full_state = None if noop else ray.put(get_state(self.model, list(self.model.state_dict())))

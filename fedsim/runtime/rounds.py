@@ -96,6 +96,11 @@ def over_selected(wanted: int, factor: float, num_clients: int) -> int:
     return min(num_clients, math.ceil(wanted * factor - 1e-9))  # 10 * 1.3 is 13.000000000000002
 
 
+def jobs_per_round(clients: Any) -> int:
+    """Client jobs one round starts: the clients it aggregates plus the over-selected extras."""
+    return over_selected(clients.per_round, clients.over_selection, clients.num_clients)
+
+
 def sample_clients(strategy: Any, cfg: Any, rnd: int) -> tuple[list[int], int]:
     """(selected client ids, m): the strategy's m clients plus the over-selected extras, sorted."""
     c = cfg.clients
