@@ -132,8 +132,9 @@ def format_round(rec: dict, domains: list[str], rounds: int) -> str:
     maps = "  ".join(f"{d} {rec.get(f'map50/{d}', float('nan')):.3f}" for d in domains)
     label = "warm-up" if rec["round"] == 0 else f"round {rec['round']}/{rounds}"
     extra = f"  clients {int(rec['clients/ok'])} ok" if "clients/ok" in rec else ""
-    if rec.get("clients/failed"):
-        extra += f" {int(rec['clients/failed'])} failed"
+    for fate in ("failed", "stragglers"):
+        if rec.get(f"clients/{fate}"):
+            extra += f" {int(rec[f'clients/{fate}'])} {fate}"
     return f"{label:<12} mAP@50 {maps}  total {rec['map50/total']:.3f}{extra}  {rec['round_seconds']:.1f}s"
 
 

@@ -105,3 +105,12 @@ def test_too_few_clients_aborts_after_the_last_good_checkpoint(local_ray, store,
     mlflow.set_tracking_uri(store)
     run = mlflow.search_runs(experiment_names=["tiny"], filter_string=f"tags.run_dir = '{tmp_path / 'run'}'")
     assert list(run["status"]) == ["FAILED"]
+
+
+def test_progress_line_names_failed_and_straggling_clients():
+    from fedsim.cli import format_round
+
+    rec = {"round": 2, "map50/a": 0.5, "map50/total": 0.5, "round_seconds": 1.0, "clients/ok": 3}
+    line = format_round({**rec, "clients/failed": 1, "clients/stragglers": 2}, ["a"], 5)
+    assert line.startswith("round 2/5") and "clients 3 ok 1 failed 2 stragglers" in line
+    assert "failed" not in format_round({**rec, "clients/failed": 0, "clients/stragglers": 0}, ["a"], 5)
