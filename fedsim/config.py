@@ -211,6 +211,7 @@ class TrackingConfig(Section):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
     experiment: str = "fedsim"
     run_name: str | None = None
+    keep_checkpoints: int | None = Field(None, ge=1)  # newest round checkpoints kept on disk; None: all
 
 
 class ExperimentConfig(Section):

@@ -147,6 +147,10 @@ class Simulation:
         tmp = path.with_suffix(".tmp")
         torch.save(blob, tmp)
         tmp.replace(path)
+        keep = self.cfg.tracking.keep_checkpoints
+        if keep:  # older ones go only after the new one is complete on disk
+            for old in sorted(path.parent.glob("round_*.pt"))[:-keep]:
+                old.unlink()
         self._write_csv()
 
     def _state(self) -> dict[str, np.ndarray]:
