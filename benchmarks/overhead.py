@@ -45,7 +45,7 @@ import ray
 from ray.util import ActorPool
 
 from fedsim.cli import init_ray
-from fedsim.config import ClientsConfig, ExperimentConfig
+from fedsim.config import ClientsConfig, ExperimentConfig, clients_per_round
 from fedsim.runtime.client import ClientActor
 from fedsim.runtime.pool import ClientPool
 from fedsim.runtime.resources import ProfileAssignment, actor_options
@@ -148,7 +148,7 @@ def actorpool_side(num_clients: int, rate: float, rounds: int) -> tuple[float, i
     ray.get([a.ready.remote() for a in actors])
     pool = ActorPool(actors)
     state = model_state()
-    per_round = max(1, int(round(rate * num_clients)))
+    per_round = clients_per_round(rate, num_clients)
 
     def one_round(rnd: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([0, rnd])

@@ -119,13 +119,13 @@ def earlier_run_dir(cfg) -> Path | None:
 
 
 def new_run_dir(cfg, resume: bool) -> Path:
+    root = Path(cfg.output_dir).resolve()
     if resume:
         found = earlier_run_dir(cfg)
         if found:
             return found
-        root = Path(cfg.output_dir).resolve()
         print(f"resume: no earlier run of this config under {root}; starting a new one", flush=True)
-    return Path(cfg.output_dir).resolve() / f"{_run_dir_base(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return root / f"{_run_dir_base(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def format_round(rec: dict, domains: list[str], rounds: int) -> str:
@@ -211,10 +211,7 @@ def cmd_table(args) -> int:
     recorded = len(cfgs) - len(todo)
     if args.recorded_only:
         todo = []
-    print(
-        f"table: {recorded} of {len(cfgs)} runs already in MLflow; running {len(todo)}",
-        flush=True,
-    )
+    print(f"table: {recorded} of {len(cfgs)} runs already in MLflow; running {len(todo)}", flush=True)
     parallel = args.parallel or max(1, (os.cpu_count() or 2) // 2)
     try:
         run_all(todo, parallel)
