@@ -44,8 +44,8 @@ import psutil
 import ray
 from ray.util import ActorPool
 
-from fedsim.cli import init_ray
 from fedsim.config import ClientsConfig, ExperimentConfig, clients_per_round
+from fedsim.experiment import init_ray
 from fedsim.runtime.client import ClientActor
 from fedsim.runtime.pool import ClientPool
 from fedsim.runtime.resources import ProfileAssignment, actor_options

@@ -18,6 +18,7 @@ import pandas as pd
 
 from dashboards import plots, records
 from dashboards.ui import launch_ui
+from fedsim.tracking import resolve_uri
 
 __all__ = ["build_report", "launch_ui"]
 
@@ -75,7 +76,6 @@ def _sweep_section(name: str, children: pd.DataFrame, parents: pd.DataFrame) -> 
 
 def build_report(experiment: str, out_dir: Path, tracking_uri: str | None = None, filter_string: str = "") -> Path:
     """Write ``report.html``, ``runs.csv`` and ``curves.csv`` under ``out_dir``; returns the HTML path."""
-    from fedsim.tracking import resolve_uri
 
     uri = resolve_uri(tracking_uri)
     out_dir = Path(out_dir)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import pandas as pd
+from mlflow.tracking import MlflowClient
 
 # Params that say where a run wrote, not what it computed.
 _NOT_KEY = ("params.tracking.", "params.output_dir")
@@ -19,8 +21,6 @@ SUMMARY = ["client/peak_mem_mib", "bytes_up"]
 
 def search(experiment: str, tracking_uri: str, filter_string: str = "") -> pd.DataFrame:
     """All runs of ``experiment`` as ``mlflow.search_runs`` returns them (ValueError if none)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
 
     if MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment) is None:
         raise ValueError(f"compare: no experiment named {experiment!r} at {tracking_uri}")
@@ -81,7 +81,6 @@ def run_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def curves(runs: pd.DataFrame, tracking_uri: str, keys: list[str]) -> pd.DataFrame:
     """Long table ``run_id, run, strategy, sweep, key, round, value`` of each key's history."""
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     rows = []

@@ -1,17 +1,21 @@
-"""``fedsim run | data | pretrain`` — the command line. Heavy imports stay inside the commands."""
+"""``fedsim run | check | table | data | pretrain | sweep | compare | ui``: the command line.
+
+Parses arguments, calls the application layer (``fedsim.experiment``, ``fedsim.preflight``,
+``fedsim.table``, ``sweeps``, ``dashboards``) and maps its exceptions to exit codes. No module
+imports this one. Heavy imports stay inside the commands, so ``fedsim --help`` is fast.
+"""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-
-class RunFailed(RuntimeError):
-    """A simulation that stopped with an error (its finished rounds are kept)."""
+if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -19,204 +23,75 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def prepare_data(cfg):
-    """The PSSFL partition for ``cfg.data`` (generated or read, then split; cached)."""
-    from fedsim.data.partition import build_partition, synthetic_partition
-    from fedsim.offline import cache_dir
+def _load(args) -> ExperimentConfig:
+    """The config of a command (``--config`` or positional), with its notes printed."""
+    from fedsim.preflight import load
 
-    data = cfg.data
-    if data.format == "synthetic":
-        return synthetic_partition(data, cfg.clients.num_clients, cache_dir())
-    from fedsim.data.yolo_folder import load_domain_index
-
-    index = load_domain_index(data.root, manifest=data.manifest, num_classes=len(data.classes), on_bad=data.on_bad)
-    if index.problems:
-        print(f"data: skipped {len(index.problems)} image(s) with problems:\n{index.summary()}", flush=True)
-    # The cache key follows the files themselves, so an edited data set is split anew.
-    files = sorted(p for images in index.images.values() for p in images)
-    fingerprint = hashlib.sha1("".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
-    return build_partition(
-        index.images,
-        data.classes,
-        cache_dir(),
-        data.server_domains,
-        data.client_domains,
-        cfg.clients.num_clients,
-        data.server_images,
-        data.client_images,
-        data.test_images,
-        data.client_scale,
-        data.seed,
-        source_key=f"yolo:{Path(data.root).resolve()}:{fingerprint.hexdigest()[:12]}",
-    )
+    notes: list[str] = []
+    cfg = load(args.config, args.set, notes)
+    for note in notes:
+        print(f"fedsim: {note}", flush=True)
+    return cfg
 
 
-def prepare_weights(cfg) -> str | None:
-    """The checkpoint path a run starts from (the cached foundation model is built on first use)."""
-    from fedsim.model.foundation import pretrain
-    from fedsim.offline import cache_dir
+def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Map the application's exceptions to one message and an exit code (2: bad input, 1: failed run)."""
 
-    m = cfg.model
-    if m.weights != "foundation":
-        return m.weights
-    return str(
-        pretrain(
-            cache_dir(),
-            m.arch,
-            m.pretrain_images,
-            m.pretrain_epochs,
-            m.pretrain_seed,
-            cfg.data.width,
-            cfg.data.height,
-            threads=cfg.train.server_threads,
-        )
-    )
+    def run(args: argparse.Namespace) -> int:
+        from fedsim.config import ConfigError
+        from fedsim.data.conversion import ConversionError
+        from fedsim.data.yolo_folder import DataError
+        from fedsim.experiment import RunFailed
+        from fedsim.preflight import CheckFailed
 
-
-def init_ray() -> None:
-    """Join the cluster a job runs on, or start a private local one (never both)."""
-    import logging
-
-    import ray
-
-    from fedsim.offline import offline_env
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        # Inside `ray job submit` (or pointed at a cluster): join it; these variables are merged
-        # into the job's runtime env so every worker starts offline.
-        ray.init(
-            address="auto", logging_level=logging.WARNING, runtime_env={"env_vars": _not_in_job_env(offline_env())}
-        )
-    else:
-        ray.init(
-            address="local",
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": offline_env()},
-        )
-
-
-def _not_in_job_env(env: dict[str, str]) -> dict[str, str]:
-    """Ray refuses to merge a key the submitted job's runtime env already sets; the job's value wins."""
-    import json
-
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-    taken = ((job.get("runtime_env") or {}).get("env_vars") or {}).keys()
-    return {k: v for k, v in env.items() if k not in taken}
-
-
-def _run_dir_base(cfg) -> str:
-    return f"{cfg.name}-{cfg.strategy.name}-s{cfg.seed}-{cfg.key()}"
-
-
-def earlier_run_dir(cfg) -> Path | None:
-    """The newest run directory of exactly this config, if one was started before."""
-    found = sorted(Path(cfg.output_dir).resolve().glob(f"{_run_dir_base(cfg)}-*"))
-    return found[-1] if found else None
-
-
-def new_run_dir(cfg, resume: bool) -> Path:
-    root = Path(cfg.output_dir).resolve()
-    if resume:
-        found = earlier_run_dir(cfg)
-        if found:
-            return found
-        print(f"resume: no earlier run of this config under {root}; starting a new one", flush=True)
-    return root / f"{_run_dir_base(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def format_round(rec: dict, domains: list[str], rounds: int) -> str:
-    maps = "  ".join(f"{d} {rec.get(f'map50/{d}', float('nan')):.3f}" for d in domains)
-    label = "warm-up" if rec["round"] == 0 else f"round {rec['round']}/{rounds}"
-    extra = f"  clients {int(rec['clients/ok'])} ok" if "clients/ok" in rec else ""
-    for fate in ("failed", "stragglers"):
-        if rec.get(f"clients/{fate}"):
-            extra += f" {int(rec[f'clients/{fate}'])} {fate}"
-    return f"{label:<12} mAP@50 {maps}  total {rec['map50/total']:.3f}{extra}  {rec['round_seconds']:.1f}s"
-
-
-def simulate(
-    cfg, resume: bool = False, stop_after: int | None = None, echo=print, pool_size: int | None = None
-) -> dict:
-    """Run one simulation to the end (or to ``stop_after`` rounds); returns the last record."""
-    import ray
-
-    from fedsim.runtime.driver import DriverActor
-    from fedsim.tracking import resolve_uri
-
-    partition = prepare_data(cfg)
-    weights = prepare_weights(cfg)
-    run_dir = new_run_dir(cfg, resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    uri = resolve_uri(cfg.tracking.uri)
-    init_ray()
-    domains = list(partition.test)
-    driver = DriverActor.options(num_cpus=0).remote(
-        cfg.model_dump(mode="json"), str(run_dir), str(partition.root), weights, uri, resume, stop_after, pool_size
-    )
-    last: dict = {}
-    for ref in driver.run.remote():
         try:
-            rec = ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            raise RunFailed(f"fedsim: run failed: {exc.cause if exc.cause else exc}") from exc
-        if rec["event"] == "round":
-            echo(format_round(rec, domains, cfg.rounds))
-            last = rec
-        elif rec["event"] == "resumed":
-            echo(f"resumed {run_dir.name} after round {rec['round']}")
-        elif rec["event"] == "stopped":
-            echo(f"stopped after round {rec['round']} (--stop-after); continue with --resume")
-        elif rec["event"] == "done":
-            echo(f"done: {run_dir}  (MLflow run {rec['run_id']} at {uri})")
-            last = {**last, **rec}
-    return last
+            return command(args)
+        except (ConfigError, CheckFailed) as exc:
+            return _fail(str(exc))
+        except (DataError, ConversionError) as exc:
+            return _fail(f"fedsim: data error: {exc}")
+        except RunFailed as exc:
+            return _fail(str(exc), code=1)
+
+    return run
+
+
+def cmd_check(args) -> int:
+    from fedsim.preflight import check
+
+    report = check(_load(args))
+    for line in report.summary:
+        print(line)
+    if report.problems:
+        return _fail("\n".join(f"fedsim: check: {p}" for p in report.problems))
+    print("check: ok, the run would start")
+    return 0
 
 
 def cmd_run(args) -> int:
-    from fedsim.config import ConfigError, load
+    from fedsim.experiment import simulate
+    from fedsim.preflight import check_or_raise
 
-    try:
-        cfg = load(args.config, args.set)
-    except ConfigError as exc:
-        return _fail(str(exc))
-    from fedsim.data.yolo_folder import DataError
-
-    try:
-        simulate(cfg, resume=args.resume, stop_after=args.stop_after)
-    except DataError as exc:  # bad data found while preparing, before Ray starts
-        return _fail(f"fedsim: data error: {exc}")
-    except RunFailed as exc:
-        return _fail(str(exc), code=1)
+    cfg = _load(args)
+    check_or_raise(cfg)
+    simulate(cfg, resume=args.resume, stop_after=args.stop_after, checked=True)
     return 0
 
 
 def cmd_table(args) -> int:
-    from fedsim.config import ConfigError, load
-    from fedsim.table import build_table, missing, run_all, variant, write_table
+    from fedsim.table import build_table, missing, run_all, variants_of, write_table
     from fedsim.tracking import resolve_uri
 
-    try:
-        base = load(args.config, args.set)
-        specs = [s.strip() for s in args.strategies.split(";" if ";" in args.strategies else ",")]
-        variants = {spec: [variant(base, spec, seed) for seed in range(args.seeds)] for spec in specs}
-        cfgs = [c for group in variants.values() for c in group]
-    except (ConfigError, ValueError) as exc:
-        return _fail(str(exc))
+    base = _load(args)
+    variants = variants_of(base, args.strategies, args.seeds)
+    cfgs = [c for group in variants.values() for c in group]
     uri = resolve_uri(base.tracking.uri)
     todo = missing(cfgs, uri, base.tracking.experiment)
     recorded = len(cfgs) - len(todo)
     if args.recorded_only:
         todo = []
     print(f"table: {recorded} of {len(cfgs)} runs already in MLflow; running {len(todo)}", flush=True)
-    parallel = args.parallel or max(1, (os.cpu_count() or 2) // 2)
-    try:
-        run_all(todo, parallel)
-    except RunFailed as exc:
-        return _fail(str(exc), code=1)
+    run_all(todo, args.parallel or max(1, (os.cpu_count() or 2) // 2))
     domains = base.data.server_domains + base.data.client_domains
     table = build_table(uri, base.tracking.experiment, variants, domains)
     print(write_table(table, Path(args.out), domains, f"{Path(args.config).stem}, {args.seeds} seeds"))
@@ -224,12 +99,10 @@ def cmd_table(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from fedsim.config import ConfigError, ExperimentConfig, load
+    from fedsim.config import ExperimentConfig
+    from fedsim.experiment import prepare_weights
 
-    try:
-        cfg = load(args.config, args.set) if args.config else ExperimentConfig()
-    except ConfigError as exc:
-        return _fail(str(exc))
+    cfg = _load(args) if args.config else ExperimentConfig()
     cfg.model.weights = "foundation"
     print(prepare_weights(cfg))
     return 0
@@ -237,14 +110,11 @@ def cmd_pretrain(args) -> int:
 
 def cmd_data(args) -> int:
     if args.kind == "synth":
-        from fedsim.config import ConfigError, ExperimentConfig, load
-        from fedsim.data.partition import synthetic_partition
+        from fedsim.config import ExperimentConfig
+        from fedsim.data.synthetic_format import prepare
 
-        try:
-            cfg = load(args.config, args.set) if args.config else ExperimentConfig()
-        except ConfigError as exc:
-            return _fail(str(exc))
-        part = synthetic_partition(cfg.data, cfg.clients.num_clients, Path(args.out).resolve())
+        cfg = _load(args) if args.config else ExperimentConfig()
+        part = prepare(cfg.data, cfg.clients.num_clients, Path(args.out).resolve())
         print(f"{part.root}\n  server: {part.server_images} (imgsz {part.server_imgsz})")
         for c in part.clients:
             print(f"  client {c.client_id}: {c.domain}, {c.num_images} images (imgsz {part.client_imgsz})")
@@ -277,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the latest run of this config")
     run.add_argument("--stop-after", type=int, default=None, help="stop after this round (testing resume)")
     run.set_defaults(func=cmd_run)
+
+    chk = sub.add_parser("check", help="verify config, data, weights and device profiles without starting Ray")
+    chk.add_argument("config")
+    chk.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    chk.set_defaults(func=cmd_check)
 
     table = sub.add_parser("table", help="run missing (strategy, seed) pairs, then tabulate them from MLflow")
     table.add_argument("--config", required=True)
@@ -324,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return _guarded(args.func)(args)
 
 
 if __name__ == "__main__":

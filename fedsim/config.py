@@ -3,6 +3,10 @@
 Every invalid field is reported in a single error, before any Ray process starts::
 
     fedsim: config error: clients.sampling_rate must be in (0, 1], got 1.5
+
+This is the bottom floor: it imports nothing of the project. Checks that need names defined
+higher up (synthetic domains, device profiles, a strategy's parameters) run in
+``fedsim.preflight``, with the same one-line-per-field messages.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from fedsim.data.synthetic import CLASSES, DOMAINS
+# BDD100K's five classes, the embedded data set's and the converters' default.
+DEFAULT_CLASSES: tuple[str, ...] = ("car", "truck", "bus", "pedestrian", "traffic_sign")
 
 
 class ConfigError(ValueError):
@@ -40,7 +45,7 @@ class DataConfig(Section):
     root: Path | None = None  # yolo: <root>/<domain>/{images,labels}
     manifest: Path | None = None  # yolo: CSV image,domain,split instead of domain folders
     on_bad: Literal["skip", "fail"] = "skip"  # images with broken labels: skip with a report, or stop
-    classes: list[str] = Field(default_factory=lambda: list(CLASSES))
+    classes: list[str] = Field(default_factory=lambda: list(DEFAULT_CLASSES))
     server_domains: list[str] = Field(default_factory=lambda: ["cloudy"])
     client_domains: list[str] = Field(default_factory=lambda: ["overcast", "rainy", "snowy"])
     server_images: int = Field(200, gt=0)  # labeled, high resolution
@@ -55,11 +60,7 @@ class DataConfig(Section):
     def _domains(self) -> DataConfig:
         if not self.server_domains or not self.client_domains:
             raise ValueError("needs at least one server domain and one client domain")
-        if self.format == "synthetic":
-            unknown = [d for d in self.server_domains + self.client_domains if d not in DOMAINS]
-            if unknown:
-                raise ValueError(f"unknown synthetic domain(s) {unknown}; known: {sorted(DOMAINS)}")
-        elif self.root is None:
+        if self.format == "yolo" and self.root is None:
             raise ValueError("format 'yolo' needs data.root")
         return self
 
@@ -72,6 +73,16 @@ class ModelConfig(Section):
     pretrain_images: int = Field(1200, gt=0)
     pretrain_epochs: int = Field(12, gt=0)
     pretrain_seed: int = 0
+    # Load a .pt that needs classes outside the safe allow-list (fedsim/model/checkpoint.py): it
+    # can run code when unpickled, so only for files whose source you trust.
+    trust_checkpoint: bool = False
+
+    @model_serializer(mode="wrap")
+    def _omit_trust_at_default(self, handler) -> dict[str, Any]:
+        data = handler(self)  # it changes nothing a run computes, so it stays out of cfg.key()
+        if data.get("trust_checkpoint") is False:
+            del data["trust_checkpoint"]
+        return data
 
     @field_validator("weights")
     @classmethod
@@ -151,19 +162,14 @@ class ClientsConfig(Section):
 
     @field_validator("profile")
     @classmethod
-    def _profile(cls, v: str | list[str], info: ValidationInfo) -> str | list[str]:
-        from fedsim.runtime.resources import PROFILES
-
-        names = [v] if isinstance(v, str) else v
-        if not names:
+    def _profile(cls, v: str | list[str]) -> str | list[str]:
+        if not ([v] if isinstance(v, str) else v):
             raise ValueError("needs at least one device profile name")
-        known = {*PROFILES, *(info.data.get("profiles") or {})}
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ValueError(
-                f"unknown device profile(s) {unknown}; known: {sorted(known)} (add your own under clients.profiles)"
-            )
         return v
+
+    @property
+    def profile_names(self) -> list[str]:
+        return [self.profile] if isinstance(self.profile, str) else list(self.profile)
 
     @field_validator("min_clients")
     @classmethod
@@ -290,21 +296,25 @@ def _scalar(text: str) -> Any:
     return value
 
 
-def parse(raw: dict) -> ExperimentConfig:
-    """Validate a raw dict: config fields, then the strategy's own parameters."""
-    from strategies import resolve_params
+def config_error(problems: list[str]) -> ConfigError:
+    """One error holding one ``fedsim: config error: ...`` line per problem."""
+    return ConfigError("\n".join(f"fedsim: config error: {p}" for p in problems))
 
-    problems: list[str] = []
-    cfg = None
+
+def field_problems(raw: dict) -> tuple[ExperimentConfig | None, list[str]]:
+    """The config a raw dict describes, or None, and one line per invalid field."""
     try:
-        cfg = ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(raw), []
     except ValidationError as exc:
-        problems += [_describe(e) for e in exc.errors()]
-    strategy = (raw.get("strategy") or {}) if isinstance(raw, dict) else {}
-    if isinstance(strategy, dict):
-        problems += resolve_params(strategy.get("name", "fedavg"), strategy.get("params") or {})
+        return None, [_describe(e) for e in exc.errors()]
+
+
+def parse(raw: dict) -> ExperimentConfig:
+    """Validate a raw dict's fields (the checks against domains, profiles and strategies are
+    ``fedsim.preflight.parse``'s)."""
+    cfg, problems = field_problems(raw)
     if problems:
-        raise ConfigError("\n".join(f"fedsim: config error: {p}" for p in problems))
+        raise config_error(problems)
     return cfg
 
 
@@ -319,8 +329,3 @@ def read_yaml_mapping(path: Path, prefix: str, error: type[Exception], kind: str
     if not isinstance(raw, dict):
         raise error(f"{prefix}{path} must hold a mapping at the top level")
     return raw
-
-
-def load(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    raw = read_yaml_mapping(Path(path), "fedsim: config error: ", ConfigError)
-    return parse(apply_overrides(raw, overrides or []))

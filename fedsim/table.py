@@ -12,19 +12,20 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import mlflow
 import pandas as pd
+import ray
+import yaml
 
-from fedsim.config import ExperimentConfig
+from fedsim.config import ConfigError, ExperimentConfig
+from fedsim.experiment import earlier_run_dir, init_ray, prepare_data, prepare_weights, simulate
+from fedsim.preflight import check_or_raise, parse
 
 
 def variant(cfg: ExperimentConfig, spec: str, seed: int) -> ExperimentConfig:
     """``spec`` is a strategy name, optionally with params: ``fedmox:alpha=0,num_experts=2``.
 
     The base config's own params are kept when ``spec`` names its strategy without params."""
-    import yaml
-
-    from fedsim.config import parse
-
     name, _, params = spec.partition(":")
     raw = cfg.model_dump(mode="json")
     if raw["strategy"]["name"] != name or params:
@@ -36,8 +37,18 @@ def variant(cfg: ExperimentConfig, spec: str, seed: int) -> ExperimentConfig:
     return parse(raw)
 
 
+def variants_of(base: ExperimentConfig, strategies: str, seeds: int) -> dict[str, list[ExperimentConfig]]:
+    """``--strategies`` (comma-separated, or ``;``-separated when specs carry params) x seeds 0..n-1."""
+    specs = [s.strip() for s in strategies.split(";" if ";" in strategies else ",")]
+    try:
+        return {spec: [variant(base, spec, seed) for seed in range(seeds)] for spec in specs}
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a malformed spec
+        raise ConfigError(f"fedsim: config error: --strategies: {exc}") from exc
+
+
 def recorded_runs(uri: str, experiment: str) -> pd.DataFrame:
-    import mlflow
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
@@ -53,13 +64,11 @@ def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
     """Run simulations, ``parallel`` at a time, each on its own driver actor in one Ray cluster."""
     if not cfgs:
         return
-    from fedsim.cli import earlier_run_dir, init_ray, prepare_data, prepare_weights, simulate
-
     for cfg in cfgs:  # caches are shared: build them once, before any concurrency
+        check_or_raise(cfg)
         prepare_data(cfg)
         prepare_weights(cfg)
     init_ray()
-    import ray
 
     pool = max(1, int(ray.cluster_resources().get("CPU", 1) // max(1, parallel)))
     pending = list(cfgs)
@@ -77,7 +86,9 @@ def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
                 # A pair that was started but never finished (killed, out of time) continues from
                 # its last round checkpoint, in the same MLflow run, instead of starting over.
                 resume = earlier_run_dir(cfg) is not None
-                simulate(cfg, resume=resume, echo=lambda line, tag=tag: echo(f"{tag} {line}"), pool_size=pool)
+                simulate(
+                    cfg, resume=resume, echo=lambda line, tag=tag: echo(f"{tag} {line}"), pool_size=pool, checked=True
+                )
             except BaseException as exc:  # report every failure after the others finished
                 errors.append(exc)
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
 
 DEFAULT_URI = "sqlite:///runs/mlflow.db"
 
@@ -54,7 +58,6 @@ class Tracker:
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
     ):
-        from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is None:
@@ -72,16 +75,12 @@ class Tracker:
         self.run_id = run_id
 
     def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
+    from strategies.base import Strategy
 
 # name -> "module:Class"; add a method by adding one line here and one file beside this one.
 STRATEGIES: dict[str, str] = {
@@ -23,7 +28,7 @@ class UnknownStrategyError(ValueError):
     pass
 
 
-def get(name: str) -> type:
+def get(name: str) -> type[Strategy]:
     """The strategy class registered under ``name``."""
     if name not in STRATEGIES:
         raise UnknownStrategyError(f"unknown strategy {name!r}; valid: {', '.join(sorted(STRATEGIES))}")
@@ -51,7 +56,12 @@ def resolve_params(name: str, params: dict) -> list[str]:
     return []
 
 
-def build(cfg) -> object:
+def owners_of(param: str) -> list[str]:
+    """The registered strategies that take a parameter of this name."""
+    return [name for name in sorted(STRATEGIES) if param in get(name).Params.model_fields]
+
+
+def build(cfg: ExperimentConfig) -> Strategy:
     """Instantiate the strategy named in an ExperimentConfig."""
     cls = get(cfg.strategy.name)
     return cls(cls.Params.model_validate(cfg.strategy.params), cfg)

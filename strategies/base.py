@@ -1,9 +1,11 @@
 """The Strategy interface and the aggregation maths every method shares.
 
-The driver owns the round loop; a strategy answers its questions: which clients, with what
-settings, what trains and travels, what extra loss a client adds, how updates combine, and
-what the server does with its labeled data. ``FedAvg`` is this base class as it stands; a
-method is a subclass that overrides one or two hooks.
+The engine owns the round loop; a strategy answers its questions with values: which clients,
+with which ``ClientPlan``, what trains and travels, what extra loss a client adds, how updates
+combine, and (as a ``ServerPlan``) what the server trains on. A strategy never sets attributes on
+the server or the engine, so a resumed run, which rebuilds everything from the config and the
+checkpoint, gets exactly the answers an uninterrupted one got. ``FedAvg`` is this base class as it
+stands; a method is a subclass that overrides one or two hooks.
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from fedsim.config import clients_per_round
+from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.model.detector import freeze_backbone, trainable_keys
-from fedsim.runtime.messages import ClientResult
-
-State = dict[str, np.ndarray]
+from fedsim.types import ClientPlan, ClientResult, ServerPlan, State
 
 
 class NoParams(BaseModel):
@@ -64,7 +64,7 @@ class Strategy:
     Params: ClassVar[type[BaseModel]] = NoParams
     uses_clients: ClassVar[bool] = True
 
-    def __init__(self, params: BaseModel, cfg: Any):
+    def __init__(self, params: BaseModel, cfg: ExperimentConfig):
         self.params = params
         self.cfg = cfg
 
@@ -73,6 +73,14 @@ class Strategy:
         """Shape the detector for this method (FedMox swaps the head); default: freeze the backbone."""
         freeze_backbone(model)
         return model
+
+    def init_weights(self, model: nn.Module, samples: dict[str, torch.Tensor]) -> None:
+        """Once, on a new run, before the warm-up: set initial weights from real images.
+
+        ``samples`` holds one image batch per labeled set (``"server"``, ``"test/<domain>"``),
+        floats in [0, 1]. Only state that the round checkpoints hold may change, so a resumed run
+        (which restores that state instead) is unaffected.
+        """
 
     def num_rounds(self) -> int:
         return self.cfg.rounds
@@ -90,26 +98,33 @@ class Strategy:
         m = clients_per_round(self.cfg.clients.sampling_rate, num_clients)
         return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
 
-    def client_settings(self, rnd: int) -> dict[str, Any]:
+    def client_plan(self, rnd: int) -> ClientPlan:
         t = self.cfg.train
-        return {
-            "lr": t.client_lr or t.lr,
-            "weight_decay": t.weight_decay,
-            "epochs": t.client_epochs,
-            "batch": t.batch,
-            "conf_thres": t.conf_thres,
-            "ignore_thres": t.ignore_thres,
-            "freeze_bn": t.client_bn_stats == "frozen",
-            "nms_iou": t.nms_iou,
-            "ema_momentum": t.ema_momentum,
-            "unsup_weight": t.unsup_weight,
-        }
+        return ClientPlan(
+            lr=t.client_lr or t.lr,
+            weight_decay=t.weight_decay,
+            epochs=t.client_epochs,
+            batch=t.batch,
+            conf_thres=t.conf_thres,
+            ignore_thres=t.ignore_thres,
+            nms_iou=t.nms_iou,
+            ema_momentum=t.ema_momentum,
+            unsup_weight=t.unsup_weight,
+            freeze_bn=t.client_bn_stats == "frozen",
+        )
 
     def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:
         """Extra loss a client adds to its own in round ``rnd`` (FedProx: proximal term).
 
         ``received`` is the global state the client started from."""
         return None
+
+    def begin_training(self, model: nn.Module) -> None:
+        """Before a client's local training and before the server's epochs (FedMox: reset routing counts)."""
+
+    def client_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Figures a client reports besides its losses (FedMox: routing counts)."""
+        return {}
 
     # -- the server ---------------------------------------------------------------------------
     def aggregate(self, global_state: State, results: list[ClientResult], rnd: int) -> State:
@@ -118,18 +133,12 @@ class Strategy:
         merged.update(weighted_average([r.update for r in results], [r.num_samples for r in results]))
         return merged
 
-    def server_update(self, server: Any, rnd: int) -> dict[str, float]:
-        """The supervised server step after aggregation."""
-        return server.train_epochs(self.cfg.train.server_epochs, rnd)
+    def server_plan(self, rnd: int) -> ServerPlan:
+        """What the server's supervised epochs use in round ``rnd`` (0: the warm-up)."""
+        return ServerPlan()
 
-    def on_start(self, server: Any) -> None:
-        """Called once before the warm-up of a new run (not on resume)."""
-
-    def client_begin(self, model: nn.Module) -> None:
-        """Called in the client actor before its local training."""
-
-    def client_metrics(self, model: nn.Module) -> dict[str, float]:
-        """Figures a client reports besides its losses (FedMox: routing counts)."""
+    def server_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Figures from the server's epochs of a round (FedMox: routing fractions)."""
         return {}
 
     def round_metrics(self, results: list[ClientResult], domains: dict[int, str]) -> dict[str, float]:
@@ -137,6 +146,7 @@ class Strategy:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
+        """Method state that changes over rounds (checkpointed); plain values only."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

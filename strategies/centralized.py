@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
-from fedsim.train.supervised import ResolutionGroups, build_dataset
+from fedsim.types import ServerPlan
 from strategies.base import Strategy
 
 
@@ -39,8 +39,8 @@ class SCLFull(SCLFrozen):
     def state_keys(self, model: nn.Module) -> list[str]:
         return list(model.state_dict())
 
-    def on_start(self, server: Any) -> None:
-        server.frozen_backbone = False
+    def server_plan(self, rnd: int) -> ServerPlan:
+        return ServerPlan(frozen_backbone=False)
 
 
 class ServerOnly(SCLFrozen):
@@ -53,8 +53,5 @@ class ServerOnly(SCLFrozen):
 class Oracle(SCLFrozen):
     name = "oracle"
 
-    def on_start(self, server: Any) -> None:
-        part = server.partition
-        clients = [str(part.labeled_client_view(c.client_id)) for c in part.clients]
-        labeled = build_dataset(clients, part.client_imgsz, part.names, self.cfg.train.batch)
-        server.dataset = ResolutionGroups([server.dataset, labeled])
+    def server_plan(self, rnd: int) -> ServerPlan:
+        return ServerPlan(labeled="server+clients")

@@ -22,8 +22,8 @@ from torch import nn
 
 from fedsim.model.detector import freeze_backbone
 from fedsim.model.moe import calibrate_model_routers, convert_to_moe, moe_aux_loss, moe_head
-from fedsim.runtime.messages import ClientResult
-from strategies.base import State, Strategy, mix
+from fedsim.types import ClientResult, ServerPlan, State
+from strategies.base import Strategy, mix
 
 
 class FedMoxParams(BaseModel):
@@ -51,24 +51,22 @@ class FedMox(Strategy):
         freeze_backbone(model)
         return model
 
-    def on_start(self, server) -> None:
+    def init_weights(self, model: nn.Module, samples: dict[str, torch.Tensor]) -> None:
         # Centre the router logits on real server features so routing starts spread out.
-        batch = next(iter(server.loader(shuffle=False)))
-        calibrate_model_routers(server.model, batch["img"].float() / 255.0)
-        server.extra_loss = self.extra_loss
+        calibrate_model_routers(model, samples["server"])
         if self.params.router == "global":
             # The flattened router only fits the server's resolution: fail now, with its own
             # message, rather than after the warm-up (see configs/ablation_global_router.yaml).
             with torch.no_grad():
-                for loader in server.test_loaders.values():
-                    server.model.eval()(next(iter(loader))["img"].float() / 255.0)
+                for img in samples.values():
+                    model.eval()(img)
 
-    def server_update(self, server, rnd: int) -> dict[str, float]:
-        head = moe_head(server.model)
-        head.reset_routing_stats()
-        out = super().server_update(server, rnd)
-        fractions = head.routing_fractions().tolist()
-        return {**out, **{f"routing/expert_{k}": f for k, f in enumerate(fractions)}}
+    def server_plan(self, rnd: int) -> ServerPlan:
+        return ServerPlan(extra_loss=self.extra_loss if self.params.balance_coef > 0 else None)
+
+    def server_metrics(self, model: nn.Module) -> dict[str, float]:
+        fractions = moe_head(model).routing_fractions().tolist()
+        return {f"routing/expert_{k}": f for k, f in enumerate(fractions)}
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         return moe_aux_loss(model) if self.params.balance_coef > 0 else None
@@ -76,7 +74,7 @@ class FedMox(Strategy):
     def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:
         return self.extra_loss(model)
 
-    def client_begin(self, model: nn.Module) -> None:
+    def begin_training(self, model: nn.Module) -> None:
         moe_head(model).reset_routing_stats()
 
     def client_metrics(self, model: nn.Module) -> dict[str, float]:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedsim.model.detector import backbone_size, trainable_keys
+from fedsim.types import ServerPlan
 from strategies.base import Strategy
 
 
@@ -80,11 +81,12 @@ class FedSTO(Strategy):
     def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:
         if self._phase(rnd) == 1 or self.params.orth_coef == 0:
             return None
-        return self.params.orth_coef * model_orthogonality(model, self.params.power_iters)
+        return self._orthogonality(model)
 
-    def server_update(self, server, rnd: int) -> dict[str, float]:
-        if self._phase(rnd) == 2 and self.params.orth_coef > 0:
-            server.extra_loss = lambda m: self.params.orth_coef * model_orthogonality(m, self.params.power_iters)
-        else:
-            server.extra_loss = None
-        return super().server_update(server, rnd)
+    def server_plan(self, rnd: int) -> ServerPlan:
+        if rnd > 0 and self._phase(rnd) == 2 and self.params.orth_coef > 0:
+            return ServerPlan(extra_loss=self._orthogonality)
+        return ServerPlan()
+
+    def _orthogonality(self, model: nn.Module) -> torch.Tensor:
+        return self.params.orth_coef * model_orthogonality(model, self.params.power_iters)

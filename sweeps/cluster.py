@@ -11,9 +11,12 @@ front, so no trial can start without its pool and then wait forever for it.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
+
+import ray
+
+from fedsim.experiment import init_ray
 
 
 def needed_cpus(bundles: list[dict[str, float]], concurrent: int) -> int:
@@ -22,29 +25,12 @@ def needed_cpus(bundles: list[dict[str, float]], concurrent: int) -> int:
 
 def start(bundles: list[dict[str, float]], concurrent: int) -> bool:
     """Connect to or start Ray; True if this call did (so the caller shuts it down)."""
-    import ray
 
-    from fedsim.cli import init_ray
-    from fedsim.offline import offline_env
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        init_ray()
-        return True
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, needed_cpus(bundles, concurrent)),
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": offline_env()},
-    )
-    return True
+    return init_ray(num_cpus=max(os.cpu_count() or 1, needed_cpus(bundles, concurrent)))
 
 
 def check_fits(bundles: list[dict[str, float]]) -> None:
     """Fail fast if one trial's placement group can never be placed (Tune would wait forever)."""
-    import ray
 
     total = ray.cluster_resources()
     need: dict[str, float] = {}

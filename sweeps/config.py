@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedsim.config import ConfigError, apply_overrides, read_yaml_mapping
+from fedsim.preflight import parse
 from sweeps.space import Distribution, SpaceError, describe, parse_space, probe_points
 
 Mode = Literal["max", "min"]
@@ -163,7 +165,6 @@ def _describe(err: dict) -> str:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file (and its base config, at the corners of its space)."""
-    from fedsim.config import ConfigError, apply_overrides, parse, read_yaml_mapping
 
     path = Path(path).resolve()
     raw = read_yaml_mapping(path, "sweep: ", SweepConfigError, kind="file")

@@ -28,10 +28,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
+import ray
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
+from fedsim.experiment import prepare_data, prepare_weights
+from fedsim.preflight import check_or_raise, parse
+from fedsim.tracking import resolve_uri
+from sweeps import cluster
 from sweeps.config import Sweep, SweepConfigError, load_sweep
+from sweeps.parent import close_children, open_parent, record_best
+from sweeps.results import best_trial, pareto_front, trial_table
+from sweeps.trainable import TrialResources, TrialSetup, run_trial, trial_bundles
 
 
 @dataclass
@@ -53,10 +66,6 @@ def trial_dirname(trial) -> str:
 
 def build_search(sweep: Sweep):
     """The searcher and scheduler (and the TuneConfig metric/mode) for a sweep."""
-    import optuna
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     s = sweep.spec
     sampler_args = {"n_startup_trials": s.n_startup_trials} if s.n_startup_trials else {}
@@ -80,15 +89,11 @@ def build_search(sweep: Sweep):
 
 
 def _trainable(sweep: Sweep, setup):
-    from ray import tune
-
-    from sweeps.trainable import TrialResources, run_trial
 
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), TrialResources(sweep.base_raw))
 
 
 def _tuner(sweep: Sweep, setup, resume: bool):
-    from ray import tune
 
     trainable = _trainable(sweep, setup)
     if resume:
@@ -119,7 +124,6 @@ def _tuner(sweep: Sweep, setup, resume: bool):
 
 def write_best_config(sweep: Sweep, best: dict[str, Any], uri: str) -> Path:
     """The best trial as a complete experiment config for ``fedsim run``."""
-    from fedsim.config import parse
 
     params = {k: best[k] for k in sweep.space}
     cfg = parse(sweep.trial_raw(params))
@@ -142,16 +146,6 @@ def _show(title: str, table: pd.DataFrame) -> None:
 
 def run_sweep(sweep_path: Path, resume: bool = False) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep described by a sweep YAML."""
-    import ray
-    from ray import tune
-
-    from fedsim.cli import prepare_data, prepare_weights
-    from fedsim.config import parse
-    from fedsim.tracking import resolve_uri
-    from sweeps import cluster
-    from sweeps.parent import close_children, open_parent, record_best
-    from sweeps.results import best_trial, pareto_front, trial_table
-    from sweeps.trainable import TrialSetup, trial_bundles
 
     t0 = time.perf_counter()
     sweep = load_sweep(sweep_path)
@@ -165,6 +159,7 @@ def run_sweep(sweep_path: Path, resume: bool = False) -> SweepResult:
     base = parse(copy.deepcopy(sweep.base_raw))
     uri = resolve_uri(base.tracking.uri)
     sweep.storage.mkdir(parents=True, exist_ok=True)
+    check_or_raise(base)  # bad data or weights: one line each, before Ray starts
     # Fill the data and weights caches once, here, rather than in racing trials.
     prepare_data(base)
     prepare_weights(base)

@@ -1,12 +1,16 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from fedsim.config import ExperimentConfig, load
-from fedsim.data.partition import synthetic_partition
+from fedsim.config import ExperimentConfig
+from fedsim.data.synthetic_format import prepare as synthetic_partition
 from fedsim.model.detector import build_detector, get_state, trainable_keys
+from fedsim.preflight import load
 from fedsim.runtime.client import ClientWorker
-from fedsim.runtime.messages import ClientJob
+from fedsim.train.supervised import make_loader
+from fedsim.types import ClientJob, ServerPlan
 from strategies import build
 from strategies.fedprox import proximal_term
 from strategies.fedsto import orthogonality_penalty
@@ -77,7 +81,7 @@ def client_update(cfg, part, name: str, **params) -> dict[str, np.ndarray]:
         str(part.clients[0].images),
         part.client_imgsz,
         7,
-        {**s.client_settings(1), "conf_thres": 0.001, "batch": 2},
+        replace(s.client_plan(1), conf_thres=0.001, batch=2),
     )
     return worker.run(job, get_state(model)).update
 
@@ -103,12 +107,13 @@ def test_oracle_trains_every_holder_at_its_own_resolution(shard):
 
     cfg, part = shard
     server = ServerTrainer(build_detector(cfg.model.arch, cfg.data.classes), part, cfg)
-    server_only = len(server.dataset)
-    strategy("oracle").on_start(server)
+    server_only = len(server.dataset(ServerPlan()))
+    labeled = server.dataset(strategy("oracle").server_plan(0))
     clients = sum(c.num_images for c in part.clients)
-    assert server.num_samples == server_only + clients
+    assert len(labeled) == server_only + clients
+    assert strategy("oracle").server_plan(3) == strategy("oracle").server_plan(0)  # every round, resumed or not
     seen, shapes = [], {}
-    for batch in server.loader(shuffle=True, seed=3):
+    for batch in make_loader(labeled, cfg.train.batch, shuffle=True, seed=3):
         shape = tuple(batch["img"].shape[2:])
         holders = {"server" if "server" in f else "clients" for f in batch["im_file"]}
         assert len(holders) == 1  # a batch never mixes resolutions

@@ -8,17 +8,17 @@ import re
 import mlflow
 import pytest
 
-from fedsim.config import load
+from fedsim.preflight import load
 from fedsim.runtime.clock import first_to_finish, job_time
-from fedsim.runtime.messages import ClientResult
 from fedsim.runtime.resources import PROFILES, DeviceProfile, ProfileAssignment
 from fedsim.runtime.rounds import TooFewClients
+from fedsim.types import ClientResult
 from tests.conftest import TINY, run_fedsim
 from tests.test_scale import NOOP, local_ray, simulate, store, tiny  # noqa: F401  (fixtures)
 
 
 def result(cid: int) -> ClientResult:
-    return ClientResult(cid, 1, {}, 1, {})
+    return ClientResult(cid, 1, {}, 1)
 
 
 def test_job_time_is_transfers_plus_work_over_speed():
@@ -108,7 +108,7 @@ def test_too_few_clients_aborts_after_the_last_good_checkpoint(local_ray, store,
 
 
 def test_progress_line_names_failed_and_straggling_clients():
-    from fedsim.cli import format_round
+    from fedsim.experiment import format_round
 
     rec = {"round": 2, "map50/a": 0.5, "map50/total": 0.5, "round_seconds": 1.0, "clients/ok": 3}
     line = format_round({**rec, "clients/failed": 1, "clients/stragglers": 2}, ["a"], 5)

@@ -3,7 +3,8 @@ import subprocess
 import pytest
 import yaml
 
-from fedsim.config import ConfigError, ExperimentConfig, load, parse
+from fedsim.config import ConfigError, ExperimentConfig
+from fedsim.preflight import load, parse
 from tests.conftest import REPO, TINY, run_fedsim
 
 

@@ -1,9 +1,10 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from fedsim.config import load
-from fedsim.data.partition import synthetic_partition
+from fedsim.data.synthetic_format import prepare as synthetic_partition
 from fedsim.model.detector import (
     DetectorError,
     backbone_size,
@@ -14,9 +15,10 @@ from fedsim.model.detector import (
     set_state,
     trainable_keys,
 )
+from fedsim.preflight import load
 from fedsim.runtime.client import ClientWorker
-from fedsim.runtime.messages import ClientJob, ClientResult
 from fedsim.runtime.server import ServerTrainer
+from fedsim.types import ClientJob, ClientResult
 from strategies import build as build_strategy
 from tests.conftest import TINY
 
@@ -57,7 +59,7 @@ def test_local_checkpoint_loads_and_missing_file_is_an_error(tmp_path, cpu_threa
     with pytest.raises(DetectorError, match="file not found.*never downloads"):
         build_detector("yolov8n.yaml", NAMES, weights=str(tmp_path / "yolov8n.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DetectorError, match="cannot read checkpoint"):
+    with pytest.raises(DetectorError, match="not a readable PyTorch checkpoint"):
         build_detector("yolov8n.yaml", NAMES, weights=str(tmp_path / "junk.pt"))
 
 
@@ -78,8 +80,8 @@ def test_backbone_bit_identical_after_client_and_server_training(tiny_setup, str
     full = get_state(model, list(model.state_dict()))
     worker = ClientWorker(cfg.model_dump(mode="json"), {"yaml": model.yaml}, full, threads=1)
     # a permissive threshold so the random model produces pseudo-labels to learn from
-    settings = {**strategy.client_settings(1), "conf_thres": 0.001}
-    job = ClientJob(0, 1, str(part.clients[0].images), part.client_imgsz, 123, settings)
+    plan = replace(strategy.client_plan(1), conf_thres=0.001)
+    job = ClientJob(0, 1, str(part.clients[0].images), part.client_imgsz, 123, plan)
     result = worker.run(job, get_state(model))
     assert isinstance(result, ClientResult), getattr(result, "error", "")
     assert result.metrics["n_pseudo"] > 0 and result.num_samples == part.clients[0].num_images
@@ -89,8 +91,8 @@ def test_backbone_bit_identical_after_client_and_server_training(tiny_setup, str
         assert torch.equal(v, before[k]), k
 
     server = ServerTrainer(model, part, cfg)
-    strategy.on_start(server)
-    strategy.server_update(server, 1)
+    strategy.init_weights(model, server.samples())
+    server.train_epochs(1, 1, strategy.server_plan(1))
     for k, v in backbone(model).items():
         assert torch.equal(v, before[k]), k
     assert any(not np.array_equal(v, full[k]) for k, v in get_state(model).items())
@@ -102,6 +104,6 @@ def test_client_failure_is_a_result_not_a_crash(tiny_setup, cpu_threads):
     worker = ClientWorker(
         cfg.model_dump(mode="json"), {"yaml": model.yaml}, get_state(model, list(model.state_dict())), threads=1
     )
-    job = ClientJob(1, 1, "/nonexistent/shard", part.client_imgsz, 1, build_strategy(cfg).client_settings(1))
+    job = ClientJob(1, 1, "/nonexistent/shard", part.client_imgsz, 1, build_strategy(cfg).client_plan(1))
     failure = worker.run(job, get_state(model))
     assert failure.client_id == 1 and "nonexistent" in failure.error

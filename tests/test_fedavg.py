@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedsim.config import ExperimentConfig
-from fedsim.runtime.messages import ClientResult
+from fedsim.types import ClientResult
 from strategies import UnknownStrategyError, build, get
 from strategies.base import mix, weighted_average
 

@@ -1,9 +1,10 @@
 import numpy as np
 
-from fedsim.config import ExperimentConfig, load
+from fedsim.config import ExperimentConfig
 from fedsim.model.detector import build_detector, is_backbone_key, trainable_keys
 from fedsim.model.moe import moe_head
-from fedsim.runtime.messages import ClientResult
+from fedsim.preflight import load
+from fedsim.types import ClientResult
 from strategies import build
 from tests.conftest import TINY, run_fedsim
 
@@ -37,14 +38,14 @@ def test_usage_weighting_averages_each_expert_by_its_users():
         1,
         {"model.22.box_experts.0.weight": np.array([[1.0], [5.0]], np.float32)},
         1,
-        {"routing/count_0": 10.0, "routing/count_1": 0.0},
+        metrics={"routing/count_0": 10.0, "routing/count_1": 0.0},
     )
     c1 = ClientResult(
         1,
         1,
         {"model.22.box_experts.0.weight": np.array([[3.0], [9.0]], np.float32)},
         1,
-        {"routing/count_0": 5.0, "routing/count_1": 5.0},
+        metrics={"routing/count_0": 5.0, "routing/count_1": 5.0},
     )
     out = strategy.aggregate(g, [c0, c1], 1)["model.22.box_experts.0.weight"]
     # expert 0: shares 1.0 and 0.5 -> (1*1 + 3*0.5)/1.5; expert 1: only client 1 used it -> 9

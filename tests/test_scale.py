@@ -15,7 +15,8 @@ import psutil
 import pytest
 import ray
 
-from fedsim.config import ExperimentConfig, load
+from fedsim.config import ExperimentConfig
+from fedsim.preflight import load
 from tests.conftest import TINY
 
 # A noop run needs no server training: only the (tiny) evaluation remains per round.
@@ -24,7 +25,7 @@ NOOP = ["clients.work=noop", "train.warmup_epochs=0", "train.server_epochs=0"]
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from fedsim.cli import init_ray
+    from fedsim.experiment import init_ray
 
     init_ray()
     yield
@@ -43,7 +44,7 @@ def tiny(*overrides: str) -> ExperimentConfig:
 
 def simulate(cfg: ExperimentConfig, run_dir: Path, uri: str, partition_of: ExperimentConfig | None = None):
     """Run ``cfg`` in-process; ``partition_of`` builds the data for another config (e.g. 2 shards for N=1000)."""
-    from fedsim.cli import prepare_data, prepare_weights
+    from fedsim.experiment import prepare_data, prepare_weights
     from fedsim.runtime.driver import Simulation
 
     partition = prepare_data(partition_of or cfg)

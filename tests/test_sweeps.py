@@ -175,7 +175,7 @@ def test_every_trial_has_an_mlflow_child_run(sweep):
 
 
 def test_best_config_runs_with_fedsim_run(sweep, tmp_path):
-    from fedsim.config import load
+    from fedsim.preflight import load
 
     best = sweep.result.best
     completed = sweep.result.trials[sweep.result.trials["status"] == "COMPLETED"]

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from fedsim.config import DataConfig
-from fedsim.data.partition import Partition, label_path, synthetic_partition
+from fedsim.data.partition import Partition, label_path
 from fedsim.data.synthetic import CLASSES, DOMAINS, SynthSpec, generate, render
+from fedsim.data.synthetic_format import prepare as synthetic_partition
 
 
 def test_render_is_deterministic_and_labels_are_valid():

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 
-from fedsim.data.synthetic import SynthSpec, generate
 from fedsim.data.yolo_folder import DataError
 
 
@@ -124,6 +124,45 @@ def _round32(n: int) -> int:
     return max(32, int(np.ceil(n / 32) * 32))
 
 
+def clients_of_domain(client_domains: list[str], num_clients: int) -> dict[str, list[int]]:
+    """Client ids per client domain: client ``i`` holds ``client_domains[i % len]``."""
+    out: dict[str, list[int]] = {d: [] for d in client_domains}
+    for i in range(num_clients):
+        out[client_domains[i % len(client_domains)]].append(i)
+    return out
+
+
+def split_problems(
+    available: dict[str, int],
+    server_domains: list[str],
+    client_domains: list[str],
+    num_clients: int,
+    server_images: int,
+    client_images: int,
+    test_images: int,
+) -> list[str]:
+    """Why a data set with ``available`` images per domain cannot be split as asked (empty if it can)."""
+    missing = [d for d in dict.fromkeys(server_domains + client_domains) if d not in available]
+    if missing:
+        return [f"domain(s) {missing} not in the data set; it has {sorted(available)}"]
+    problems = []
+    per_server_domain = -(-server_images // len(set(server_domains)))
+    for d in dict.fromkeys(server_domains + client_domains):
+        need = test_images + (per_server_domain if d in server_domains else client_images)
+        if available[d] < need:
+            problems.append(
+                f"domain {d!r} has {available[d]} images, the split needs {need} "
+                f"({test_images} test + the rest for {'server' if d in server_domains else 'clients'})"
+            )
+    for d, ids in clients_of_domain(client_domains, num_clients).items():
+        if len(ids) > client_images:
+            problems.append(
+                f"clients.num_clients={num_clients} gives domain {d!r} {len(ids)} clients for its "
+                f"{client_images} images (data.client_images): {len(ids) - client_images} client shards would be empty"
+            )
+    return problems
+
+
 def build_partition(
     domain_images: dict[str, list[Path]],
     names: list[str],
@@ -155,9 +194,17 @@ def build_partition(
     if (root / "partition.json").exists():
         return Partition.load(root)
 
-    missing = [d for d in server_domains + client_domains if d not in domain_images]
-    if missing:
-        raise DataError(f"domain(s) {missing} not in the data set; it has {sorted(domain_images)}")
+    problems = split_problems(
+        {d: len(v) for d, v in domain_images.items()},
+        server_domains,
+        client_domains,
+        num_clients,
+        server_images,
+        client_images,
+        test_images,
+    )
+    if problems:
+        raise DataError("; ".join(problems))
     rng = np.random.default_rng(seed)
     server_domains, client_list = list(dict.fromkeys(server_domains)), client_domains
     client_domains = list(dict.fromkeys(client_domains))  # a domain listed twice gets twice the clients
@@ -166,13 +213,6 @@ def build_partition(
         for d in server_domains + client_domains
     }
     per_server_domain = -(-server_images // len(server_domains))
-    for d, pool in pools.items():
-        need = test_images + (per_server_domain if d in server_domains else client_images)
-        if len(pool) < need:
-            raise DataError(
-                f"domain {d!r} has {len(pool)} images, the split needs {need} "
-                f"({test_images} test + the rest for {'server' if d in server_domains else 'clients'})"
-            )
 
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -182,7 +222,7 @@ def build_partition(
     meta["server_imgsz"] = _round32(server_long)
 
     client_long = 0
-    members = {d: [i for i in range(num_clients) if client_list[i % len(client_list)] == d] for d in client_domains}
+    members = clients_of_domain(client_list, num_clients)
     for d, ids in members.items():
         pool = pools[d][test_images : test_images + client_images]
         for shard_i, cid in enumerate(ids):
@@ -211,7 +251,6 @@ def build_partition(
 
 def write_data_yaml(root: Path, meta: dict) -> None:
     """An Ultralytics data YAML with absolute paths and no download key (usable by ``yolo val``)."""
-    import yaml
 
     doc = {
         "path": str(root.resolve()),
@@ -222,27 +261,3 @@ def write_data_yaml(root: Path, meta: dict) -> None:
         "test_domains": {d: t["images"] for d, t in meta["test"].items()},
     }
     (root / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-
-
-def synthetic_partition(data, num_clients: int, cache_root: Path) -> Partition:
-    """Generate exactly the images the split needs, then split them."""
-    per_server = -(-data.server_images // len(data.server_domains))
-    counts = {d: data.test_images + per_server for d in data.server_domains}
-    counts.update({d: data.test_images + data.client_images for d in data.client_domains})
-    spec = SynthSpec(images_per_domain=counts, width=data.width, height=data.height, seed=data.seed)
-    source = generate(spec, cache_root)
-    domain_images = {d: sorted((source / d / "images").glob("*.jpg")) for d in counts}
-    return build_partition(
-        domain_images,
-        data.classes,
-        cache_root,
-        data.server_domains,
-        data.client_domains,
-        num_clients,
-        data.server_images,
-        data.client_images,
-        data.test_images,
-        data.client_scale,
-        data.seed,
-        source_key=spec.key(),
-    )

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-CLASSES = ["car", "truck", "bus", "pedestrian", "traffic_sign"]
+from fedsim.config import DEFAULT_CLASSES
+
+CLASSES = list(DEFAULT_CLASSES)
 CAR, TRUCK, BUS, PEDESTRIAN, SIGN = range(5)
 
 
@@ -445,8 +448,6 @@ def generate(spec: SynthSpec, cache_root: Path) -> Path:
     (tmp / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
     if root.exists():  # a concurrent writer finished first
-        import shutil
-
         shutil.rmtree(tmp)
         return root
     tmp.rename(root)

@@ -16,13 +16,16 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from torch import nn
+from ultralytics.nn.tasks import DetectionModel
+
+from fedsim.model.checkpoint import (
+    DetectorError,  # noqa: F401  (re-exported for existing callers)
+    load_detector,
+    save_detector,
+)
 
 # Loss gains v8DetectionLoss reads from model.args (Ultralytics defaults).
 LOSS_GAINS = SimpleNamespace(box=7.5, cls=0.5, dfl=1.5)
-
-
-class DetectorError(ValueError):
-    """A model source that cannot be used (missing file, wrong kind of checkpoint)."""
 
 
 def _layer_index(key: str) -> int:
@@ -35,17 +38,17 @@ def backbone_size(model: nn.Module) -> int:
     return len(model.yaml["backbone"])
 
 
-def build_detector(arch: str, names: list[str], weights: str | None = None) -> nn.Module:
+def build_detector(arch: str, names: list[str], weights: str | None = None, trust: bool = False) -> nn.Module:
     """Build a detection model for ``names`` from a YAML name/path or a local checkpoint.
 
     With ``weights`` the checkpoint's architecture and weights are used; if its class count
     differs from ``names`` the Detect head's class branch is rebuilt (shape-mismatched
-    entries are left at their fresh initialisation).
+    entries are left at their fresh initialisation). ``trust`` allows a checkpoint that needs
+    classes outside the safe-loading allow-list (see :mod:`fedsim.model.checkpoint`).
     """
-    from ultralytics.nn.tasks import DetectionModel
 
     if weights:
-        model = load_checkpoint(weights)
+        model = load_checkpoint(weights, trust)
         if model.yaml.get("nc") != len(names):
             fresh = DetectionModel(model.yaml, nc=len(names), verbose=False)
             own = fresh.state_dict()
@@ -59,28 +62,14 @@ def build_detector(arch: str, names: list[str], weights: str | None = None) -> n
     return model.float()
 
 
-def load_checkpoint(path: str | Path) -> nn.Module:
-    """Load a detection model from a local ``.pt`` (Ultralytics or fedsim format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DetectorError(f"model.weights: file not found: {path} (fedsim never downloads weights)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # corrupt file, pickle from another library, ...
-        raise DetectorError(f"model.weights: cannot read checkpoint {path}: {exc}") from exc
-    model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else ckpt
-    if not isinstance(model, nn.Module) or not hasattr(model, "yaml"):
-        raise DetectorError(f"model.weights: {path} holds no Ultralytics detection model")
-    return model.float()
+def load_checkpoint(path: str | Path, trust: bool = False) -> nn.Module:
+    """Load a detection model from a local ``.pt`` (fedsim or Ultralytics format); see ``load_detector``."""
+    return load_detector(path, trust)
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, **extra) -> None:
-    """Save in the layout Ultralytics' loaders understand (``{"model": module, ...}``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model, **extra}, tmp)
-    tmp.replace(path)
+def save_checkpoint(model: nn.Module, path: str | Path, **extra: int | float | str) -> None:
+    """Save in fedsim's weights-only format; see ``save_detector``."""
+    save_detector(model, path, **extra)
 
 
 def is_backbone_key(model: nn.Module, key: str) -> bool:
@@ -143,7 +132,6 @@ def model_spec(model: nn.Module) -> dict:
 
 
 def build_from_spec(spec: dict, names: list[str]) -> nn.Module:
-    from ultralytics.nn.tasks import DetectionModel
 
     model = DetectionModel(dict(spec["yaml"]), nc=len(names), verbose=False)
     model.names = dict(enumerate(names))

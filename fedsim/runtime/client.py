@@ -29,11 +29,13 @@ import numpy as np
 import ray
 import torch
 
+from fedsim.config import ExperimentConfig
 from fedsim.model.detector import build_from_spec, get_state, set_state
 from fedsim.runtime.memory import PeakMemory, rss_bytes
-from fedsim.runtime.messages import ClientFailure, ClientJob, ClientResult
 from fedsim.train.pseudo import EMATeacher, unsupervised_epoch
 from fedsim.train.supervised import build_dataset, make_loader, make_optimizer
+from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientTelemetry, State
+from strategies import build as build_strategy
 
 
 def budget_message(peak_mib: float, budget_mib: float) -> str:
@@ -59,22 +61,18 @@ class ClientWorker:
         threads: int,
         budget_mib: float | None = None,
     ):
-        from fedsim.config import ExperimentConfig
-
         torch.set_num_threads(threads)
         self.threads = threads
         self.cfg = ExperimentConfig.model_validate(cfg_dict)
         self.budget_mib = budget_mib
         self.noop = self.cfg.clients.work == "noop"
         if not self.noop:
-            from strategies import build as build_strategy
-
             self.strategy = build_strategy(self.cfg)
             self.model = self.strategy.build_model(build_from_spec(model_spec, self.cfg.data.classes))
             set_state(self.model, full_state)
         self.base_rss = rss_bytes()  # after the build: what the worker holds before any job
 
-    def run(self, job: ClientJob, global_state: dict[str, np.ndarray]) -> ClientResult | ClientFailure:
+    def run(self, job: ClientJob, global_state: State) -> ClientResult | ClientFailure:
         try:
             budget = job.budget_mib if job.budget_mib is not None else self.budget_mib
             threads = job.threads or self.threads
@@ -82,7 +80,7 @@ class ClientWorker:
                 torch.set_num_threads(threads)
             cap_cuda_memory(budget)
             outcome = self._noop(job, global_state) if self.noop else self._train(job, global_state)
-            peak = outcome.metrics["peak_mem_mib"]
+            peak = outcome.telemetry.peak_mem_mib
             if budget is not None and peak > budget:
                 return ClientFailure(job.client_id, job.round, budget_message(peak, budget))
             return outcome
@@ -92,23 +90,19 @@ class ClientWorker:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _noop(self, job: ClientJob, global_state: dict[str, np.ndarray]) -> ClientResult:
+    def _noop(self, job: ClientJob, global_state: State) -> ClientResult:
         start = time.perf_counter()
         with PeakMemory(self.base_rss) as mem:
             update = dict(global_state)
         nbytes = float(sum(v.nbytes for v in global_state.values()))
-        metrics = {
-            "peak_mem_mib": mem.peak_mib,
-            "seconds": time.perf_counter() - start,
-            "bytes_up": nbytes,
-            "bytes_down": nbytes,
-            "work_images": 0.0,
-        }
-        return ClientResult(job.client_id, job.round, update, 1, metrics)
+        telemetry = ClientTelemetry(
+            seconds=time.perf_counter() - start, peak_mem_mib=mem.peak_mib, bytes_up=nbytes, bytes_down=nbytes
+        )
+        return ClientResult(job.client_id, job.round, update, 1, telemetry)
 
-    def _train(self, job: ClientJob, global_state: dict[str, np.ndarray]) -> ClientResult:
+    def _train(self, job: ClientJob, global_state: State) -> ClientResult:
         start = time.perf_counter()
-        s = job.settings
+        plan = job.plan
         torch.manual_seed(job.seed)
         model = self.model
         set_state(model, global_state)
@@ -117,38 +111,38 @@ class ClientWorker:
         for name, p in model.named_parameters():
             p.requires_grad_(name in trainable and ".dfl." not in name)
         received = {k: torch.from_numpy(np.array(v)) for k, v in global_state.items()}
-        dataset = build_dataset(job.images, job.imgsz, self.cfg.data.classes, s["batch"])
-        self.strategy.client_begin(model)
+        dataset = build_dataset(job.images, job.imgsz, self.cfg.data.classes, plan.batch)
+        self.strategy.begin_training(model)
         with PeakMemory(self.base_rss) as mem:
-            teacher = EMATeacher(model, s["ema_momentum"], keys)
-            optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
+            teacher = EMATeacher(model, plan.ema_momentum, keys)
+            optimizer = make_optimizer(model, plan.lr, plan.weight_decay)
             metrics: dict[str, float] = {}
-            for epoch in range(s["epochs"]):
-                loader = make_loader(dataset, s["batch"], shuffle=True, seed=job.seed + epoch)
+            for epoch in range(plan.epochs):
+                loader = make_loader(dataset, plan.batch, shuffle=True, seed=job.seed + epoch)
                 metrics = unsupervised_epoch(
                     model,
                     teacher,
                     loader,
                     optimizer,
-                    s["conf_thres"],
-                    s["nms_iou"],
+                    plan.conf_thres,
+                    plan.nms_iou,
                     seed=job.seed + 7919 * epoch,
-                    unsup_weight=s["unsup_weight"],
-                    ignore_thres=s.get("ignore_thres"),
-                    freeze_bn=s.get("freeze_bn", True),
+                    unsup_weight=plan.unsup_weight,
+                    ignore_thres=plan.ignore_thres,
+                    freeze_bn=plan.freeze_bn,
                     extra_loss=partial(self.strategy.client_loss_terms, received=received, rnd=job.round),
                 )
             del teacher, optimizer
         metrics.update(self.strategy.client_metrics(model))
         update = get_state(model, keys)
-        metrics.update(
-            peak_mem_mib=mem.peak_mib,
+        telemetry = ClientTelemetry(
             seconds=time.perf_counter() - start,
+            peak_mem_mib=mem.peak_mib,
             bytes_up=float(sum(v.nbytes for v in update.values())),
             bytes_down=float(sum(v.nbytes for v in global_state.values())),
-            work_images=float(len(dataset) * s["epochs"]),  # the virtual clock's compute measure
+            work_images=float(len(dataset) * plan.epochs),  # the virtual clock's compute measure
         )
-        return ClientResult(job.client_id, job.round, update, len(dataset), metrics)
+        return ClientResult(job.client_id, job.round, update, len(dataset), telemetry, metrics)
 
 
 @ray.remote

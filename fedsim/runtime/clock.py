@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedsim.runtime.messages import ClientResult
 from fedsim.runtime.resources import DeviceProfile
+from fedsim.types import ClientResult
 
 REFERENCE_IMGSZ = 320
 

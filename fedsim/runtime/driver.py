@@ -12,28 +12,31 @@ simulated and wall seconds, peak memory): per-client metric keys would be N x ro
 N = 1000. A round with fewer than ``clients.min_clients`` usable results ends the run with
 ``TooFewClients`` after the previous round's checkpoint, leaving the MLflow run FAILED; ``--resume``
 continues from that checkpoint.
+
+A strategy's answers are applied here, the same way on every path: ``init_weights`` once on a new
+run (it changes only checkpointed state), ``server_plan(rnd)`` before every warm-up and server
+epoch, new or resumed. After each round the callbacks run (``callbacks.py``): MLflow, then the
+checkpoint, then whatever the caller added (a sweep's Tune report).
 """
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 
 from fedsim.config import ExperimentConfig
 from fedsim.data.partition import Partition
 from fedsim.model.detector import build_detector, get_state, model_spec, set_state, state_nbytes
+from fedsim.runtime.callbacks import Callback, Checkpointer, MlflowLogger, latest_checkpoint, load_checkpoint
 from fedsim.runtime.client import ClientActor
 from fedsim.runtime.pool import ClientPool
 from fedsim.runtime.resources import ProfileAssignment, actor_options, pool_size
 from fedsim.runtime.rounds import (
     ClientPhase,
-    RoundOutcome,
     ShardIndex,
     TooFewClients,
     check_quorum,
@@ -44,15 +47,8 @@ from fedsim.runtime.rounds import (
 )
 from fedsim.runtime.server import ServerTrainer
 from fedsim.tracking import Tracker, git_commit
-
-
-def checkpoint_path(run_dir: Path, rnd: int) -> Path:
-    return run_dir / "checkpoints" / f"round_{rnd:04d}.pt"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("round_*.pt"))
-    return found[-1] if found else None
+from fedsim.types import State
+from strategies import build as build_strategy
 
 
 class Simulation:
@@ -67,9 +63,8 @@ class Simulation:
         extra_tags: dict[str, str] | None = None,
         pool_size: int | None = None,
         stop_after: int | None = None,
+        callbacks: list[Callback] | None = None,
     ):
-        from strategies import build as build_strategy
-
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
@@ -77,13 +72,16 @@ class Simulation:
         torch.manual_seed(cfg.seed)
         self.partition = Partition.load(Path(partition_root))
         self.strategy = build_strategy(cfg)
-        self.model = self.strategy.build_model(build_detector(cfg.model.arch, cfg.data.classes, weights))
+        detector = build_detector(cfg.model.arch, cfg.data.classes, weights, trust=cfg.model.trust_checkpoint)
+        self.model = self.strategy.build_model(detector)
         self.server = ServerTrainer(self.model, self.partition, cfg)
         self.tracking_uri = tracking_uri
         self.history: list[dict[str, float]] = []
         self.extra_tags = extra_tags or {}
         self.fixed_pool_size = pool_size  # e.g. a Tune trial that reserved its bundles
         self.stop_after = stop_after  # end early, as a killed run would, leaving the MLflow run unfinished
+        self.callbacks: list[Callback] = [MlflowLogger(), Checkpointer(cfg.tracking.keep_checkpoints)]
+        self.callbacks += callbacks or []
         self.shards = ShardIndex.from_partition(self.partition)
         self.profiles = ProfileAssignment.from_config(cfg.clients)
         self.pool: ClientPool | None = None
@@ -133,52 +131,30 @@ class Simulation:
             cfg.dump_yaml(resolved)
             self.tracker.log_artifact(resolved)
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _save(self, rnd: int) -> None:
-        path = checkpoint_path(self.run_dir, rnd)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        blob = {
-            "round": rnd,
-            "state": self._state(),
-            "strategy": self.strategy.state_dict(),
-            "run_id": self.tracker.run_id,
-            "history": self.history,
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        tmp.replace(path)
-        keep = self.cfg.tracking.keep_checkpoints
-        if keep:  # older ones go only after the new one is complete on disk
-            for old in sorted(path.parent.glob("round_*.pt"))[:-keep]:
-                old.unlink()
-        self._write_csv()
-
-    def _state(self) -> dict[str, np.ndarray]:
+    def state(self) -> State:
+        """The server state that can change (what checkpoints hold)."""
         return get_state(self.model, self.strategy.state_keys(self.model))
 
-    def _load(self, path: Path) -> int:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+    def client_table(self, rnd: int) -> Path:
+        return self.run_dir / "clients" / f"round_{rnd:04d}.csv"
+
+    def _restore(self, path: Path) -> int:
+        blob = load_checkpoint(path)
         set_state(self.model, blob["state"])
         self.strategy.load_state_dict(blob["strategy"])
         self.history = blob["history"]
         self._open_tracker(blob["run_id"])
         return int(blob["round"])
 
-    def _write_csv(self) -> None:
-        path = self.run_dir / "rounds.csv"
-        keys = sorted({k for row in self.history for k in row}, key=lambda k: (k != "round", k))
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.history)
-        self.tracker.log_artifact(path)
+    def _notify(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
 
     # -- the loop ------------------------------------------------------------------------------
-    def _record(self, rnd: int, metrics: dict[str, float]) -> dict[str, float]:
+    def _finish_round(self, rnd: int, metrics: dict[str, float]) -> dict[str, float]:
         metrics = {k: float(v) for k, v in metrics.items()}
-        self.tracker.log_metrics(metrics, step=rnd)
         self.history.append({"round": rnd, **metrics})
-        self._save(rnd)
+        self._notify("on_round_end", rnd, metrics)
         return {"round": rnd, **metrics}
 
     def run(self) -> Iterator[dict]:
@@ -193,62 +169,59 @@ class Simulation:
         start_round = 0
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None
         if ckpt is not None:
-            start_round = self._load(ckpt)
+            start_round = self._restore(ckpt)
+            self._notify("on_resume", start_round)
             yield {"event": "resumed", "round": start_round}
         else:
             self._open_tracker(None)
             t0 = time.perf_counter()
-            self.strategy.on_start(self.server)
-            losses = self.server.warmup(self.cfg.train.warmup_epochs)
+            self.strategy.init_weights(self.model, self.server.samples())
+            losses = self.server.warmup(self.cfg.train.warmup_epochs, self.strategy.server_plan(0))
             metrics = {
                 **self.server.evaluate(),
                 **{f"server/{k}": v for k, v in losses.items()},
                 "round_seconds": time.perf_counter() - t0,
             }
-            yield {"event": "round", **self._record(0, metrics)}
+            yield {"event": "round", **self._finish_round(0, metrics)}
         rounds = self.strategy.num_rounds()
         if self.strategy.uses_clients and start_round < rounds:
             self._start_pool()
         for rnd in range(start_round + 1, rounds + 1):
-            yield {"event": "round", **self._record(rnd, self._one_round(rnd))}
-            if self.stop_after is not None and rnd >= self.stop_after:
-                self.tracker.finish("KILLED")
+            try:
+                record = self._finish_round(rnd, self._one_round(rnd))
+            except TooFewClients:
+                self._notify("on_run_end", "FAILED")
+                raise
+            yield {"event": "round", **record}
+            if self.stop_after is not None and rnd >= self.stop_after and rnd < rounds:
+                self._notify("on_run_end", "KILLED")
                 yield {"event": "stopped", "round": rnd}
                 return
-        final = self.run_dir / "final_state.npz"
-        np.savez(final, **self._state())
-        self.tracker.log_artifact(final)
-        self.tracker.finish("FINISHED")
+        self._notify("on_run_end", "FINISHED")
         yield {"event": "done", "run_id": self.tracker.run_id, "run_dir": str(self.run_dir)}
 
     def _one_round(self, rnd: int) -> dict[str, float]:
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         if self.strategy.uses_clients:
-            global_state = self._state()
+            global_state = self.state()
             outcome = self.phase.run(rnd, global_state)
             for f in outcome.failures:
                 print(f"round {rnd}: client {f.client_id} failed: {f.error.splitlines()[0]}", flush=True)
-            self._log_clients(rnd, outcome)
-            try:
-                check_quorum(outcome, self.cfg.clients.min_clients)
-            except TooFewClients:
-                self.tracker.finish("FAILED")
-                raise
+            write_client_rows(self.client_table(rnd), client_rows(outcome, self.profiles))
+            check_quorum(outcome, self.cfg.clients.min_clients)
             set_state(self.model, self.strategy.aggregate(global_state, outcome.kept, rnd))
             metrics.update(round_metrics(outcome, state_nbytes(global_state)))
             metrics.update(self.strategy.round_metrics(outcome.kept, self.shards))
             outcome.release_updates()  # before the server epoch, which needs the memory more
-        server_losses = self.strategy.server_update(self.server, rnd)
+        self.strategy.begin_training(self.model)
+        plan = self.strategy.server_plan(rnd)
+        server_losses = self.server.train_epochs(self.cfg.train.server_epochs, rnd, plan)
+        server_losses.update(self.strategy.server_metrics(self.model))
         metrics.update({f"server/{k}": v for k, v in server_losses.items()})
         metrics.update(self.server.evaluate())
         metrics["round_seconds"] = time.perf_counter() - t0
         return metrics
-
-    def _log_clients(self, rnd: int, outcome: RoundOutcome) -> None:
-        path = self.run_dir / "clients" / f"round_{rnd:04d}.csv"
-        write_client_rows(path, client_rows(outcome, self.profiles))
-        self.tracker.log_artifact(path, "clients")
 
 
 @ray.remote(max_restarts=0)

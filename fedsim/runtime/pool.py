@@ -22,7 +22,7 @@ from typing import Any
 import ray
 from ray.util import ActorPool
 
-from fedsim.runtime.messages import ClientFailure, ClientJob, ClientResult
+from fedsim.types import ClientFailure, ClientJob, ClientResult
 
 Outcome = ClientResult | ClientFailure
 

@@ -30,10 +30,10 @@ import numpy as np
 import ray
 
 from fedsim.runtime.clock import JobTime, first_to_finish, job_time
-from fedsim.runtime.messages import ClientFailure, ClientJob, ClientResult
 from fedsim.runtime.pool import ClientPool
 from fedsim.runtime.resources import ProfileAssignment
 from fedsim.runtime.server import derive_seed
+from fedsim.types import ClientFailure, ClientJob, ClientResult, State
 
 
 class TooFewClients(RuntimeError):
@@ -128,7 +128,7 @@ class ClientPhase:
         self.profiles = ProfileAssignment.from_config(cfg.clients)
 
     def jobs(self, rnd: int, selected: list[int]) -> list[ClientJob]:
-        settings = self.strategy.client_settings(rnd)
+        plan = self.strategy.client_plan(rnd) if self.cfg.clients.work == "train" else None
         out = []
         for cid in selected:
             profile = self.profiles.of(cid)
@@ -139,14 +139,14 @@ class ClientPhase:
                     self.shards.shard(cid).images,
                     self.imgsz,
                     derive_seed(self.cfg.seed, rnd, cid, 3),
-                    settings,
+                    plan,
                     threads=profile.threads,
                     budget_mib=profile.budget_mib,
                 )
             )
         return out
 
-    def run(self, rnd: int, state: dict[str, np.ndarray]) -> RoundOutcome:
+    def run(self, rnd: int, state: State) -> RoundOutcome:
         c = self.cfg.clients
         selected, wanted = sample_clients(self.strategy, self.cfg, rnd)
         jobs = self.jobs(rnd, selected)
@@ -158,10 +158,10 @@ class ClientPhase:
         times = {
             r.client_id: job_time(
                 self.profiles.of(r.client_id),
-                r.metrics.get("work_images", 0.0),
+                r.telemetry.work_images,
                 self.imgsz,
-                r.metrics.get("bytes_down", 0.0),
-                r.metrics.get("bytes_up", 0.0),
+                r.telemetry.bytes_down,
+                r.telemetry.bytes_up,
                 c.image_cost_s,
             )
             for r in results
@@ -185,6 +185,10 @@ def _mean(results: list[ClientResult], key: str) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+def _mean_seconds(results: list[ClientResult]) -> float:
+    return float(np.mean([r.telemetry.seconds for r in results])) if results else 0.0
+
+
 def round_metrics(outcome: RoundOutcome, state_bytes: int) -> dict[str, float]:
     """The round's client figures for MLflow: a fixed set of keys whatever N is."""
     kept, finished = outcome.kept, outcome.kept + outcome.stragglers
@@ -196,9 +200,9 @@ def round_metrics(outcome: RoundOutcome, state_bytes: int) -> dict[str, float]:
         "client/box_loss": _mean(kept, "box_loss"),
         "client/cls_loss": _mean(kept, "cls_loss"),
         "client/n_pseudo": sum(r.metrics.get("n_pseudo", 0) for r in kept),
-        "client/peak_mem_mib": max((r.metrics.get("peak_mem_mib", 0) for r in finished), default=0),
-        "client/seconds": _mean(kept, "seconds"),
-        "bytes_up": sum(r.metrics.get("bytes_up", 0) for r in kept),
+        "client/peak_mem_mib": max((r.telemetry.peak_mem_mib for r in finished), default=0),
+        "client/seconds": _mean_seconds(kept),
+        "bytes_up": sum(r.telemetry.bytes_up for r in kept),
         "bytes_down": state_bytes * len(outcome.jobs),
         "round_sim_seconds": outcome.round_sim_s,
     }
@@ -229,7 +233,7 @@ def client_rows(outcome: RoundOutcome, profiles: ProfileAssignment) -> list[dict
         cid = job.client_id
         state, result = status.get(cid, ("failed", None))
         t = outcome.times.get(cid)
-        m = result.metrics if result else {}
+        tel = result.telemetry if result else None
         rows.append(
             {
                 "client_id": cid,
@@ -239,8 +243,8 @@ def client_rows(outcome: RoundOutcome, profiles: ProfileAssignment) -> list[dict
                 "down_s": round(t.down_s, 6) if t else "",
                 "compute_s": round(t.compute_s, 6) if t else "",
                 "up_s": round(t.up_s, 6) if t else "",
-                "wall_seconds": round(m["seconds"], 4) if "seconds" in m else "",
-                "peak_mem_mib": round(m["peak_mem_mib"], 1) if "peak_mem_mib" in m else "",
+                "wall_seconds": round(tel.seconds, 4) if tel else "",
+                "peak_mem_mib": round(tel.peak_mem_mib, 1) if tel else "",
                 "num_samples": result.num_samples if result else "",
                 "error": errors.get(cid, ""),
             }

@@ -1,4 +1,9 @@
-"""The server's side of a round: its labeled high-res data, its supervised epochs, evaluation."""
+"""The server's side of a round: its labeled high-res data, its supervised epochs, evaluation.
+
+What the epochs train on, which parts and with which extra loss comes from the strategy's
+``ServerPlan``, which the engine passes in every time (warm-up and every round, new run or
+resumed): the trainer keeps no setting a strategy could have changed behind its back.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.config import ExperimentConfig
 from fedsim.data.partition import Partition
 from fedsim.train.evaluate import evaluate
-from fedsim.train.supervised import ExtraLoss, build_dataset, cosine_lr, make_loader, make_optimizer, supervised_epoch
+from fedsim.train.supervised import (
+    ResolutionGroups,
+    build_dataset,
+    cosine_lr,
+    make_loader,
+    make_optimizer,
+    supervised_epoch,
+)
+from fedsim.types import ServerPlan
 
 
 def derive_seed(*parts: int) -> int:
@@ -17,63 +31,69 @@ def derive_seed(*parts: int) -> int:
 
 
 class ServerTrainer:
-    def __init__(self, model: nn.Module, partition: Partition, cfg):
+    def __init__(self, model: nn.Module, partition: Partition, cfg: ExperimentConfig):
         self.model = model
         self.partition = partition
         self.cfg = cfg
         self.train_cfg = cfg.train
         names = partition.names
-        self.dataset = build_dataset(partition.server_images, partition.server_imgsz, names, cfg.train.batch)
+        self.server_set = build_dataset(partition.server_images, partition.server_imgsz, names, cfg.train.batch)
+        self._with_clients: ResolutionGroups | None = None
         self.test_loaders = {
             d: make_loader(build_dataset(path, imgsz, names, cfg.train.eval_batch), cfg.train.eval_batch, False, 0)
             for d, (path, imgsz) in partition.test.items()
         }
-        self.extra_loss: ExtraLoss | None = None
-        self.frozen_backbone = True
 
-    def loader(self, shuffle: bool = True, seed: int = 0):
-        return make_loader(self.dataset, self.train_cfg.batch, shuffle=shuffle, seed=seed)
+    def dataset(self, plan: ServerPlan):
+        """The labeled images a plan trains on (the clients' true labels only for the oracle)."""
+        if plan.labeled == "server":
+            return self.server_set
+        if self._with_clients is None:
+            part = self.partition
+            views = [str(part.labeled_client_view(c.client_id)) for c in part.clients]
+            labeled = build_dataset(views, part.client_imgsz, part.names, self.train_cfg.batch)
+            self._with_clients = ResolutionGroups([self.server_set, labeled])
+        return self._with_clients
+
+    def samples(self) -> dict[str, torch.Tensor]:
+        """One unshuffled batch per labeled set, floats in [0, 1] (for ``Strategy.init_weights``)."""
+        first = next(iter(make_loader(self.server_set, self.train_cfg.batch, shuffle=False, seed=0)))
+        out = {"server": first["img"].float() / 255.0}
+        for domain, loader in self.test_loaders.items():
+            out[f"test/{domain}"] = next(iter(loader))["img"].float() / 255.0
+        return out
 
     @property
     def num_samples(self) -> int:
-        return len(self.dataset)
+        return len(self.server_set)
 
-    def _epoch(self, lr: float, seed: int) -> dict[str, float]:
-        optimizer = make_optimizer(self.model, lr, self.train_cfg.weight_decay)
-        loader = make_loader(self.dataset, self.train_cfg.batch, shuffle=True, seed=seed)
+    def _epoch(self, plan: ServerPlan, optimizer: torch.optim.Optimizer, seed: int) -> dict[str, float]:
+        loader = make_loader(self.dataset(plan), self.train_cfg.batch, shuffle=True, seed=seed)
         return supervised_epoch(
-            self.model, loader, optimizer, seed=seed, extra_loss=self.extra_loss, frozen_backbone=self.frozen_backbone
+            self.model, loader, optimizer, seed=seed, extra_loss=plan.extra_loss, frozen_backbone=plan.frozen_backbone
         )
 
-    def warmup(self, epochs: int) -> dict[str, float]:
+    def warmup(self, epochs: int, plan: ServerPlan) -> dict[str, float]:
         """Server-only supervised training before round 1 (cosine over its epochs)."""
         out: dict[str, float] = {}
         optimizer = make_optimizer(self.model, self.train_cfg.warmup_lr, self.train_cfg.weight_decay)
         for e in range(epochs):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(self.train_cfg.warmup_lr, e, epochs)
-            seed = derive_seed(self.cfg.seed, 0, e, 1)
-            loader = make_loader(self.dataset, self.train_cfg.batch, shuffle=True, seed=seed)
-            out = supervised_epoch(
-                self.model,
-                loader,
-                optimizer,
-                seed=seed,
-                extra_loss=self.extra_loss,
-                frozen_backbone=self.frozen_backbone,
-            )
+            out = self._epoch(plan, optimizer, derive_seed(self.cfg.seed, 0, e, 1))
         return out
 
-    def train_epochs(self, epochs: int, rnd: int) -> dict[str, float]:
+    def train_epochs(self, epochs: int, rnd: int, plan: ServerPlan) -> dict[str, float]:
         """``epochs`` supervised epochs in round ``rnd``; lr follows a cosine over the rounds.
 
-        A fresh optimizer each round keeps the server's state to the weights alone, so a
+        A fresh optimizer each epoch keeps the server's state to the weights alone, so a
         resumed run is identical to an uninterrupted one.
         """
         lr = cosine_lr(self.train_cfg.lr, rnd - 1, self.cfg.rounds)
         out: dict[str, float] = {}
         for e in range(epochs):
-            out = self._epoch(lr, derive_seed(self.cfg.seed, rnd, e, 2))
+            optimizer = make_optimizer(self.model, lr, self.train_cfg.weight_decay)
+            out = self._epoch(plan, optimizer, derive_seed(self.cfg.seed, rnd, e, 2))
         return out
 
     @torch.no_grad()

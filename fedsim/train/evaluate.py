@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from ultralytics.models.yolo.detect import DetectionValidator
+from ultralytics.utils.metrics import DetMetrics
 
 
 def _validator(save_dir: Path, conf: float, iou: float):
-    from ultralytics.models.yolo.detect import DetectionValidator
 
     v = DetectionValidator(
         save_dir=save_dir,
@@ -39,7 +40,6 @@ def _validator(save_dir: Path, conf: float, iou: float):
 @torch.no_grad()
 def evaluate(model: nn.Module, loaders: dict[str, object], conf: float = 0.001, iou: float = 0.7) -> dict[str, float]:
     """``{"map50/<domain>", "map/<domain>", ..., "map50/total", "map/total"}`` on a copy of ``model``."""
-    from ultralytics.utils.metrics import DetMetrics
 
     net = copy.deepcopy(model).eval()
     out: dict[str, float] = {}

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from torch import nn
+from ultralytics.utils.nms import non_max_suppression
 
 from fedsim.model.detector import freeze_batchnorm_stats, train_mode
 from fedsim.train.supervised import CPU, ExtraLoss, loss_items
@@ -73,7 +74,6 @@ def pseudo_labels(
 
     Returns ``batch_idx (N,)``, ``cls (N,1)``, ``bboxes (N,4)`` normalised xywh and ``conf (N,)``.
     """
-    from ultralytics.utils.nms import non_max_suppression
 
     preds = teacher if isinstance(teacher, torch.Tensor) else teacher_predict(teacher, img)
     dets = non_max_suppression(preds, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from ultralytics.cfg import get_cfg
+from ultralytics.data.dataset import YOLODataset
 
 from fedsim.model.detector import train_mode
 
@@ -27,8 +29,6 @@ def build_dataset(images: str | Path | list[str], imgsz: int, names: list[str], 
     ``rect=True`` keeps wide driving images wide instead of padding them square. Every batch
     gets the same (largest) shape so shuffled batches still collate.
     """
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.dataset import YOLODataset
 
     hyp = get_cfg(overrides={"imgsz": imgsz, "rect": True, "task": "detect"})
     dataset = YOLODataset(

@@ -85,4 +85,5 @@ def pretrain(
 
 
 def load_foundation(path: Path):
+    """Load the foundation checkpoint (fedsim's weights-only format; older full-pickle caches still load)."""
     return load_checkpoint(path)

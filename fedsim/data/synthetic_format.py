@@ -1,0 +1,44 @@
+"""``data.format: synthetic``: the embedded procedural driving scenes, generated to the split's size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fedsim.config import DataConfig
+from fedsim.data.partition import Partition, build_partition
+from fedsim.data.synthetic import DOMAINS, SynthSpec, generate
+
+
+def _counts(data: DataConfig) -> dict[str, int]:
+    per_server = -(-data.server_images // len(data.server_domains))
+    counts = {d: data.test_images + per_server for d in data.server_domains}
+    counts.update({d: data.test_images + data.client_images for d in data.client_domains})
+    return counts
+
+
+def available_images(data: DataConfig) -> dict[str, int]:
+    """Exactly what the split needs, for every known domain (the generator renders on demand)."""
+    return {d: n for d, n in _counts(data).items() if d in DOMAINS}
+
+
+def prepare(data: DataConfig, num_clients: int, cache_root: Path, echo: Callable[[str], None] = print) -> Partition:
+    """Generate exactly the images the split needs, then split them."""
+    counts = _counts(data)
+    spec = SynthSpec(images_per_domain=counts, width=data.width, height=data.height, seed=data.seed)
+    source = generate(spec, cache_root)
+    domain_images = {d: sorted((source / d / "images").glob("*.jpg")) for d in counts}
+    return build_partition(
+        domain_images,
+        data.classes,
+        cache_root,
+        data.server_domains,
+        data.client_domains,
+        num_clients,
+        data.server_images,
+        data.client_images,
+        data.test_images,
+        data.client_scale,
+        data.seed,
+        source_key=spec.key(),
+    )

@@ -1,0 +1,43 @@
+"""``data.format: yolo``: any YOLO-format data set split by domain (folders or a manifest CSV)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+from fedsim.config import DataConfig
+from fedsim.data.partition import Partition, build_partition
+from fedsim.data.yolo_folder import DomainIndex, load_domain_index
+
+
+def index(data: DataConfig) -> DomainIndex:
+    """Every image validated against its label file; raises ``DataError`` when unusable."""
+    return load_domain_index(data.root, manifest=data.manifest, num_classes=len(data.classes), on_bad=data.on_bad)
+
+
+def available_images(data: DataConfig) -> dict[str, int]:
+    return {d: len(paths) for d, paths in index(data).images.items()}
+
+
+def prepare(data: DataConfig, num_clients: int, cache_root: Path, echo: Callable[[str], None] = print) -> Partition:
+    found = index(data)
+    if found.problems:
+        echo(f"data: skipped {len(found.problems)} image(s) with problems:\n{found.summary()}")
+    # The cache key follows the files themselves, so an edited data set is split anew.
+    files = sorted(p for images in found.images.values() for p in images)
+    fingerprint = hashlib.sha1("".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
+    return build_partition(
+        found.images,
+        data.classes,
+        cache_root,
+        data.server_domains,
+        data.client_domains,
+        num_clients,
+        data.server_images,
+        data.client_images,
+        data.test_images,
+        data.client_scale,
+        data.seed,
+        source_key=f"yolo:{Path(data.root).resolve()}:{fingerprint.hexdigest()[:12]}",
+    )
