@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -19,16 +20,53 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    from dashboards.ui import launch_ui
+# SIGHUP too: the server has its own session, so a closed terminal no longer reaches it directly.
+UI_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    proc = launch_ui(args.tracking_uri, port=args.port)
+
+class _Stop(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Run the MLflow UI until it exits, or until SIGINT/SIGTERM/SIGHUP, which stop it and exit 0.
+
+    The signal is forwarded to the server's process group; a second one kills the group at once.
+    """
+    from dashboards.ui import launch_ui, stop_ui
+
+    received: list[int] = []
+    armed = False  # raise only while waiting: a signal inside Popen would lose the child
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal armed
+        received.append(signum)
+        if armed:
+            armed = False
+            raise _Stop(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in UI_STOP_SIGNALS}
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=30)
-        return 0
+        proc = launch_ui(args.tracking_uri, port=args.port)
+        try:
+            armed = True
+            if received:
+                armed = False
+                raise _Stop(received[0])
+            code = proc.wait()
+            armed = False
+        except _Stop as stop:
+            name = signal.Signals(stop.signum).name
+            print(f"fedsim ui: {name}, stopping the MLflow UI (pid {proc.pid})", file=sys.stderr, flush=True)
+            stop_ui(proc, stop.signum, hurry=lambda: len(received) > 1)
+            return 0
+        stop_ui(proc)  # the server exited by itself: stop any worker it left behind
+        return code if code >= 0 else 128 - code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def add_parsers(subparsers) -> None:

@@ -13,6 +13,7 @@ the :class:`ConversionReport`. The layout written is::
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -25,11 +26,95 @@ from pathlib import Path
 
 from PIL import Image
 
-DEFAULT_CLASSES: list[str] = ["car", "truck", "bus", "pedestrian", "traffic_sign"]
+from fedsim.config import DEFAULT_CLASSES as CONFIG_DEFAULT_CLASSES
+
+DEFAULT_CLASSES: list[str] = list(CONFIG_DEFAULT_CLASSES)
 
 UNDEFINED_DOMAIN = "undefined"
 
 Box = tuple[float, float, float, float]
+
+
+class ConversionError(ValueError):
+    """A source annotation file that cannot be converted; the message is one line naming the file."""
+
+
+def read_json(path: Path) -> object:
+    """The parsed content of the JSON file ``path``.
+
+    Raises :class:`ConversionError` with a one-line message naming the file when it is missing,
+    a directory, unreadable, not UTF-8, empty, or not valid JSON (with the parser's position,
+    and a note when the text ends before the JSON does). A UTF-8 byte order mark is allowed.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConversionError(f"{path}: is a directory, expected a JSON file") from None
+    except PermissionError:
+        raise ConversionError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise ConversionError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        what = f"not a UTF-8 text file (byte 0x{data[exc.start]:02x} at position {exc.start})"
+        if exc.end == len(data) and exc.reason == "unexpected end of data":
+            what += "; the file ends inside a character (truncated?)"
+        raise ConversionError(f"{path}: {what}") from None
+    del data
+    text = text.removeprefix("\ufeff")
+    if not text or text.isspace():
+        raise ConversionError(f"{path}: empty file, expected JSON")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"{exc.msg} at line {exc.lineno}, column {exc.colno} (char {exc.pos})"
+        if _ends_early(text, exc):
+            where += "; the file ends before the JSON does (truncated?)"
+        raise ConversionError(f"{path}: not valid JSON: {where}") from None
+    except RecursionError:
+        raise ConversionError(f"{path}: JSON nested too deeply to parse") from None
+
+
+_JSON_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+_PARTIAL_NUMBER_OR_ESCAPE = re.compile(r"[-+0-9.eE]+|u[0-9a-fA-F]{0,4}")
+
+
+def _ends_early(text: str, exc: json.JSONDecodeError) -> bool:
+    """Whether the parser failed because the text stops mid-document (a cut file)."""
+    end = len(text)
+    while end and text[end - 1].isspace():
+        end -= 1
+    if exc.pos >= end or exc.msg.startswith("Unterminated string"):
+        # An unterminated string is reported where it starts; it runs to the end of the text.
+        return True
+    # A cut literal, number or \u escape is reported where that token starts: "[tr", "[1.", "\u00".
+    tail = text[exc.pos : end] if end - exc.pos <= 10 else ""
+    return bool(tail) and (
+        any(lit.startswith(tail) for lit in _JSON_LITERALS) or bool(_PARTIAL_NUMBER_OR_ESCAPE.fullmatch(tail))
+    )
+
+
+def describe_json(value: object) -> str:
+    """A short one-line description of a parsed JSON value for error messages: ``a dict (keys: 'a', 'b')``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        return f"a string ({shown!r})"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        keys = [repr(k if len(k) <= 30 else k[:30] + "...") for k in itertools.islice(value, 5)]
+        more = ", ..." if len(value) > 5 else ""
+        return f"a dict (keys: {', '.join(keys)}{more})" if keys else "an empty dict"
+    return type(value).__name__
 
 
 @dataclass

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from fedsim.data.conversion import (
     DEFAULT_CLASSES,
+    ConversionError,
     ConversionReport,
     Frame,
     RawObject,
     as_floats,
     build_class_index,
+    describe_json,
     prepare_out_dir,
+    read_json,
     sanitize_domain,
     write_frames,
 )
@@ -48,13 +50,14 @@ def convert_soda10m(
     JSON lacks a positive ``width``/``height``. Annotations pointing at no listed image are
     counted as ``orphan_annotations``; an unlisted ``category_id`` counts as the unknown
     category ``"category_id=<id>"``. Clipping, dropping and empty-frame handling are those
-    of :func:`fedsim.data.bdd100k.convert_bdd100k`.
+    of :func:`fedsim.data.bdd100k.convert_bdd100k`. A file that is unreadable, not JSON or not
+    shaped as above raises :class:`ConversionError` before anything is written.
     """
     class_index = build_class_index(classes, category_map, SODA10M_CATEGORY_MAP)
     data = _load(annotations_json)
     images = data["images"]
     if images and not any(domain_key in image for image in images):
-        raise ValueError(f"{annotations_json}: no image has the key {domain_key!r}")
+        raise ConversionError(f"{annotations_json}: no image has the key {domain_key!r}")
     prepare_out_dir(out_dir)
     report = ConversionReport(
         source=str(annotations_json), out_dir=str(out_dir), domain_key=domain_key, classes=list(classes)
@@ -65,13 +68,78 @@ def convert_soda10m(
 
 
 def _load(annotations_json: Path) -> dict:
-    data = json.loads(Path(annotations_json).read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{annotations_json}: expected a COCO-style object with an 'images' list")
-    bad = [i for i in data["images"] if not isinstance(i, dict) or "file_name" not in i or "id" not in i]
-    if bad:
-        raise ValueError(f"{annotations_json}: {len(bad)} images lack 'file_name' or 'id', e.g. {bad[0]!r}")
+    """The parsed annotation file, checked for the shape the conversion relies on."""
+    data = read_json(annotations_json)
+    if not isinstance(data, dict):
+        raise ConversionError(
+            f"{annotations_json}: expected a COCO-style JSON object with 'images', got {describe_json(data)}"
+        )
+    if "images" not in data:
+        raise ConversionError(f"{annotations_json}: has no 'images' list, got {describe_json(data)}")
+    problem = (
+        _list_problem(data, "images", _image_problem, optional=False)
+        or _list_problem(data, "annotations", _annotation_problem, optional=True)
+        or _list_problem(data, "categories", _category_problem, optional=True)
+    )
+    if problem:
+        raise ConversionError(f"{annotations_json}: {problem}")
     return data
+
+
+# Image and category ids are dictionary keys and matched against annotations' references.
+_ID_TYPES = (int, float, str)
+
+
+def _bad_id(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, _ID_TYPES)
+
+
+def _list_problem(
+    data: Mapping, key: str, entry_problem: Callable[[Mapping], str | None], *, optional: bool
+) -> str | None:
+    """What is wrong with ``data[key]`` or its first bad entry, or None. Absent or null is fine when ``optional``."""
+    entries = data.get(key)
+    if entries is None and optional:
+        return None
+    if not isinstance(entries, list):
+        return f"'{key}' is {describe_json(entries)}, expected a list"
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            return f"{key}[{i}] is {describe_json(entry)}, expected a dict"
+        problem = entry_problem(entry)
+        if problem:
+            return f"{key}[{i}] {problem}"
+    return None
+
+
+def _image_problem(image: Mapping) -> str | None:
+    if "file_name" not in image:
+        return "has no 'file_name'"
+    name = image["file_name"]
+    if not isinstance(name, str) or not name.strip():
+        return f"has a 'file_name' that is {describe_json(name)}, expected a non-empty string"
+    if "id" not in image:
+        return f"({name!r}) has no 'id'"
+    if _bad_id(image["id"]):
+        return f"({name!r}) has an 'id' that is {describe_json(image['id'])}, expected a number or string"
+    return None
+
+
+def _annotation_problem(ann: Mapping) -> str | None:
+    for key in ("image_id", "category_id"):
+        if key in ann and _bad_id(ann[key]):
+            article = "an" if key[0] in "aeiou" else "a"
+            return f"has {article} '{key}' that is {describe_json(ann[key])}, expected a number or string"
+    return None
+
+
+def _category_problem(category: Mapping) -> str | None:
+    for key in ("id", "name"):
+        if key not in category:
+            return f"has no '{key}'"
+    if _bad_id(category["id"]):
+        return f"has an 'id' that is {describe_json(category['id'])}, expected a number or string"
+    return None
 
 
 def _group_annotations(data: Mapping, report: ConversionReport) -> dict[object, list[RawObject]]:
