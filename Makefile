@@ -48,6 +48,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: $(STAMP) sysdeps lint
 	$(if $(NETNS),$(NETNS) bash -c 'ip link set lo up && $(BIN)/python -m pytest -q -ra tests',$(BIN)/python -m pytest -q -ra tests)

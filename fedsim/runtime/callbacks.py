@@ -78,7 +78,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(path: Path, blob: dict[str, Any]) -> None:
     """Atomically write a round checkpoint: tensors and plain values, so it loads with weights_only."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {**blob, "state": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in blob["state"].items()}}
+    blob = {**blob, "state": {k: torch.tensor(v) for k, v in blob["state"].items()}}  # keeps 0-d shapes
     tmp = path.with_suffix(".tmp")
     torch.save(blob, tmp)
     tmp.replace(path)
