@@ -97,6 +97,7 @@ def test_run_refuses_a_corrupt_checkpoint_before_ray_starts(tmp_path):
     result = run_fedsim(["run", str(TINY), "--set", f"model.weights={junk}"], cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"fedsim: check: model.weights: {junk} is not a readable PyTorch checkpoint (neither a zip archive nor a pickle)"
+        f"fedsim: check: model.weights: {junk} is not a readable PyTorch checkpoint "
+        "(neither a zip archive nor a pickle)"
     ]
     assert not (tmp_path / "runs").exists()  # nothing written, no Ray started
