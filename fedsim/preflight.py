@@ -32,9 +32,8 @@ from fedsim.config import (
     field_problems,
     read_yaml_mapping,
 )
-from fedsim.data.formats import FORMATS, available_images
+from fedsim.data.formats import FORMATS, available_images, format_module
 from fedsim.data.partition import split_problems
-from fedsim.data.synthetic import DOMAINS
 from fedsim.data.yolo_folder import DataError
 from fedsim.model.checkpoint import DetectorError, describe_detector
 from fedsim.offline import cache_dir
@@ -56,11 +55,8 @@ def _cross_problems(cfg: ExperimentConfig) -> list[str]:
     d = cfg.data
     if d.format not in FORMATS:
         problems.append(f"data.format: unknown format {d.format!r}; valid: {', '.join(sorted(FORMATS))}")
-    elif d.format == "synthetic":
-        for where, domains in (("data.server_domains", d.server_domains), ("data.client_domains", d.client_domains)):
-            unknown = [x for x in domains if x not in DOMAINS]
-            if unknown:
-                problems.append(f"{where}: unknown synthetic domain(s) {unknown}; known: {sorted(DOMAINS)}")
+    else:
+        problems += format_module(d.format).config_problems(d)
     known = known_profiles(cfg.clients.profiles)
     unknown = [n for n in cfg.clients.profile_names if n not in known]
     if unknown:

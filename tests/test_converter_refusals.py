@@ -264,3 +264,16 @@ def test_soda10m_optional_lists_may_be_absent(tmp_path: Path) -> None:
 def test_soda10m_missing_domain_key(tmp_path: Path) -> None:
     source = write(tmp_path, SODA_DATA)
     assert refusal(convert_soda10m, source, tmp_path, domain_key="period").endswith("no image has the key 'period'")
+
+
+def test_cli_maps_a_refusal_to_exit_2_and_one_line(tmp_path, capsys):
+    from fedsim.cli import main
+
+    labels = tmp_path / "notjson.json"
+    labels.write_bytes(b"\x89PNG\r\n\x1a\n")
+    code = main(["data", "bdd100k", "--labels", str(labels), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fedsim: data error: {labels}: not a UTF-8 text file (byte 0x89 at position 0)"
+    ]
+    assert not (tmp_path / "o").exists()

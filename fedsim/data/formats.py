@@ -1,7 +1,9 @@
 """``data.format`` -> the module that turns such a data set into the PSSFL partition.
 
-Each format module offers two functions:
+Each format module offers three functions:
 
+- ``config_problems(data) -> list[str]``: what is wrong with ``data`` for this format, as config
+  error lines (``data.root`` missing, unknown domains, ...);
 - ``available_images(data) -> dict[str, int]``: images per domain, without writing anything
   (``fedsim check`` compares them with the split the config asks for; the index and label
   checks of a real data set run here, so bad files are named before Ray starts);

@@ -17,6 +17,15 @@ def _counts(data: DataConfig) -> dict[str, int]:
     return counts
 
 
+def config_problems(data: DataConfig) -> list[str]:
+    problems = []
+    for where, domains in (("data.server_domains", data.server_domains), ("data.client_domains", data.client_domains)):
+        unknown = [d for d in domains if d not in DOMAINS]
+        if unknown:
+            problems.append(f"{where}: unknown synthetic domain(s) {unknown}; known: {sorted(DOMAINS)}")
+    return problems
+
+
 def available_images(data: DataConfig) -> dict[str, int]:
     """Exactly what the split needs, for every known domain (the generator renders on demand)."""
     return {d: n for d, n in _counts(data).items() if d in DOMAINS}

@@ -11,6 +11,10 @@ from fedsim.data.partition import Partition, build_partition
 from fedsim.data.yolo_folder import DomainIndex, load_domain_index
 
 
+def config_problems(data: DataConfig) -> list[str]:
+    return [] if data.root is not None else ["data: format 'yolo' needs data.root"]
+
+
 def index(data: DataConfig) -> DomainIndex:
     """Every image validated against its label file; raises ``DataError`` when unusable."""
     return load_domain_index(data.root, manifest=data.manifest, num_classes=len(data.classes), on_bad=data.on_bad)
