@@ -124,15 +124,7 @@ def _check_data(cfg: ExperimentConfig, report: CheckReport) -> None:
     except DataError as exc:
         report.problems.append(f"data: {exc}")
         return
-    problems = split_problems(
-        available,
-        d.server_domains,
-        d.client_domains,
-        cfg.clients.num_clients,
-        d.server_images,
-        d.client_images,
-        d.test_images,
-    )
+    problems = split_problems(available, d, cfg.clients.num_clients)
     report.problems += [f"data: {p}" for p in problems]
     shard = d.client_images // max(1, -(-cfg.clients.num_clients // len(set(d.client_domains))))
     report.summary.append(

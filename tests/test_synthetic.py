@@ -99,4 +99,7 @@ def test_partition_reports_too_few_images(tmp_path):
     root = generate(SynthSpec(images_per_domain={"cloudy": 3, "rainy": 3}, width=64, height=32), tmp_path)
     images = {d: sorted((root / d / "images").glob("*.jpg")) for d in ("cloudy", "rainy")}
     with pytest.raises(ValueError, match="domain .rainy. has 3 images, the split needs 5"):
-        build_partition(images, CLASSES, tmp_path, ["cloudy"], ["rainy"], 1, 1, 4, 1, 0.5, 0, "x")
+        data = DataConfig(
+            server_domains=["cloudy"], client_domains=["rainy"], server_images=1, client_images=4, test_images=1
+        )
+        build_partition(images, data, 1, tmp_path, "x")

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import yaml
 
+from fedsim.config import DataConfig
 from fedsim.data.yolo_folder import DataError
 
 
@@ -132,16 +133,10 @@ def clients_of_domain(client_domains: list[str], num_clients: int) -> dict[str, 
     return out
 
 
-def split_problems(
-    available: dict[str, int],
-    server_domains: list[str],
-    client_domains: list[str],
-    num_clients: int,
-    server_images: int,
-    client_images: int,
-    test_images: int,
-) -> list[str]:
+def split_problems(available: dict[str, int], data: DataConfig, num_clients: int) -> list[str]:
     """Why a data set with ``available`` images per domain cannot be split as asked (empty if it can)."""
+    server_domains, client_domains = data.server_domains, data.client_domains
+    server_images, client_images, test_images = data.server_images, data.client_images, data.test_images
     missing = [d for d in dict.fromkeys(server_domains + client_domains) if d not in available]
     if missing:
         return [f"domain(s) {missing} not in the data set; it has {sorted(available)}"]
@@ -164,19 +159,12 @@ def split_problems(
 
 
 def build_partition(
-    domain_images: dict[str, list[Path]],
-    names: list[str],
-    out_root: Path,
-    server_domains: list[str],
-    client_domains: list[str],
-    num_clients: int,
-    server_images: int,
-    client_images: int,
-    test_images: int,
-    client_scale: float,
-    seed: int,
-    source_key: str,
+    domain_images: dict[str, list[Path]], data: DataConfig, num_clients: int, out_root: Path, source_key: str
 ) -> Partition:
+    """Split ``domain_images`` as ``data`` asks, under ``out_root`` (cached by source and split)."""
+    names, server_domains, client_domains = data.classes, data.server_domains, data.client_domains
+    server_images, client_images, test_images = data.server_images, data.client_images, data.test_images
+    client_scale, seed = data.client_scale, data.seed
     params = dict(
         source=source_key,
         server=server_domains,
@@ -194,15 +182,7 @@ def build_partition(
     if (root / "partition.json").exists():
         return Partition.load(root)
 
-    problems = split_problems(
-        {d: len(v) for d, v in domain_images.items()},
-        server_domains,
-        client_domains,
-        num_clients,
-        server_images,
-        client_images,
-        test_images,
-    )
+    problems = split_problems({d: len(v) for d, v in domain_images.items()}, data, num_clients)
     if problems:
         raise DataError("; ".join(problems))
     rng = np.random.default_rng(seed)

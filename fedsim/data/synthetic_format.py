@@ -37,17 +37,4 @@ def prepare(data: DataConfig, num_clients: int, cache_root: Path, echo: Callable
     spec = SynthSpec(images_per_domain=counts, width=data.width, height=data.height, seed=data.seed)
     source = generate(spec, cache_root)
     domain_images = {d: sorted((source / d / "images").glob("*.jpg")) for d in counts}
-    return build_partition(
-        domain_images,
-        data.classes,
-        cache_root,
-        data.server_domains,
-        data.client_domains,
-        num_clients,
-        data.server_images,
-        data.client_images,
-        data.test_images,
-        data.client_scale,
-        data.seed,
-        source_key=spec.key(),
-    )
+    return build_partition(domain_images, data, num_clients, cache_root, source_key=spec.key())

@@ -33,15 +33,8 @@ def prepare(data: DataConfig, num_clients: int, cache_root: Path, echo: Callable
     fingerprint = hashlib.sha1("".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
     return build_partition(
         found.images,
-        data.classes,
-        cache_root,
-        data.server_domains,
-        data.client_domains,
+        data,
         num_clients,
-        data.server_images,
-        data.client_images,
-        data.test_images,
-        data.client_scale,
-        data.seed,
+        cache_root,
         source_key=f"yolo:{Path(data.root).resolve()}:{fingerprint.hexdigest()[:12]}",
     )
