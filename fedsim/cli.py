@@ -79,11 +79,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_table(args) -> int:
+    from fedsim.config import ConfigError
     from fedsim.table import build_table, missing, run_all, variants_of, write_table
     from fedsim.tracking import resolve_uri
 
     base = _load(args)
     variants = variants_of(base, args.strategies, args.seeds)
+    reference = args.reference.strip() if args.reference else None
+    if reference is not None and reference not in variants:
+        rows = ", ".join(variants)
+        raise ConfigError(f"fedsim: config error: --reference {reference!r} is not one of --strategies: {rows}")
     cfgs = [c for group in variants.values() for c in group]
     uri = resolve_uri(base.tracking.uri)
     todo = missing(cfgs, uri, base.tracking.experiment)
@@ -93,7 +98,7 @@ def cmd_table(args) -> int:
     print(f"table: {recorded} of {len(cfgs)} runs already in MLflow; running {len(todo)}", flush=True)
     run_all(todo, args.parallel or max(1, (os.cpu_count() or 2) // 2))
     domains = base.data.server_domains + base.data.client_domains
-    table = build_table(uri, base.tracking.experiment, variants, domains)
+    table = build_table(uri, base.tracking.experiment, variants, domains, reference)
     print(write_table(table, Path(args.out), domains, f"{Path(args.config).stem}, {args.seeds} seeds"))
     return 0
 
@@ -165,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--parallel", type=int, default=None, help="simulations at once (default: cores / 2)")
     table.add_argument("--set", action="append", default=[])
     table.add_argument("--recorded-only", action="store_true", help="run nothing; tabulate what MLflow holds")
+    table.add_argument(
+        "--reference",
+        default=None,
+        metavar="SPEC",
+        help="one of --strategies: add each other row's paired Δ total mAP@50 vs it, with a 95%% CI over shared seeds",
+    )
     table.set_defaults(func=cmd_table)
 
     pre = sub.add_parser("pretrain", help="build (or find) the cached foundation checkpoint")

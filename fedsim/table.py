@@ -20,6 +20,7 @@ import yaml
 from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.experiment import earlier_run_dir, init_ray, prepare_data, prepare_weights, simulate
 from fedsim.preflight import check_or_raise, parse
+from fedsim.stats import format_diff, paired_difference
 
 
 def variant(cfg: ExperimentConfig, spec: str, seed: int) -> ExperimentConfig:
@@ -102,12 +103,23 @@ def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
 
 
 def build_table(
-    uri: str, experiment: str, variants: dict[str, list[ExperimentConfig]], domains: list[str]
+    uri: str,
+    experiment: str,
+    variants: dict[str, list[ExperimentConfig]],
+    domains: list[str],
+    reference: str | None = None,
 ) -> pd.DataFrame:
-    """One row per variant label (its configs differ only by seed), from the recorded runs."""
+    """One row per variant label (its configs differ only by seed), from the recorded runs.
+
+    ``commit``: the short git commits of the row's runs. With ``reference`` (one of the labels),
+    every other row gets a column ``Δ total vs REFERENCE (95% CI)``: its per-seed total mAP@50
+    minus the reference's, paired by seed, as ``format_diff`` ("n/a" below 2 shared seeds).
+    """
+    if reference is not None and reference not in variants:
+        raise ValueError(f"reference {reference!r} is not one of the table's rows: {', '.join(variants)}")
     runs = recorded_runs(uri, experiment)
     columns = [f"metrics.map50/{d}" for d in domains] + ["metrics.map50/total"]
-    rows = []
+    rows, totals = [], {}
     for label, cfgs in variants.items():
         group = runs[runs["tags.config_key"].isin({c.key() for c in cfgs})].drop_duplicates("tags.config_key")
         row = {"strategy": label, "seeds": ",".join(sorted(group["tags.seed"], key=int))}
@@ -115,16 +127,36 @@ def build_table(
             values = group[col].astype(float)
             row[name] = f"{values.mean():.3f} ± {values.std(ddof=0):.3f}" if len(values) else "n/a"
             row[f"{name}_mean"] = values.mean() if len(values) else float("nan")
+        commits = group["tags.git_commit"].dropna() if "tags.git_commit" in group else []
+        row["commit"] = ",".join(sorted({str(c)[:7] for c in commits}))
+        scored = group[group["metrics.map50/total"].notna()]
+        totals[label] = scored["metrics.map50/total"].astype(float).set_axis(scored["tags.seed"].astype(int)).to_dict()
         rows.append(row)
+    if reference is not None:
+        column, ref = f"Δ total vs {reference} (95% CI)", totals[reference]
+        for row in rows:
+            mine = totals[row["strategy"]]
+            shared = sorted(set(mine) & set(ref))
+            if row["strategy"] == reference:
+                row[column] = "reference"
+            elif len(shared) < 2:
+                row[column] = "n/a"
+            else:
+                row[column] = format_diff(paired_difference([mine[s] for s in shared], [ref[s] for s in shared]))
     return pd.DataFrame(rows)
 
 
 def write_table(table: pd.DataFrame, out: Path, domains: list[str], title: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)
-    shown = table[["strategy", *domains, "total", "seeds"]]
+    deltas = [c for c in table.columns if c.startswith("Δ total vs ")]
+    commit = ["commit"] if "commit" in table.columns else []
+    shown = table[["strategy", *domains, "total", *deltas, "seeds", *commit]]
     header = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
     body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in shown.itertuples(index=False))
-    markdown = f"### {title}\n\nmAP@50, mean ± std over seeds (final round)\n\n{header}{body}"
+    note = "mAP@50, mean ± std over seeds (final round)"
+    if deltas:
+        note += "; Δ: paired difference in total mAP@50 over the seeds both rows ran, mean [95% Student-t CI]"
+    markdown = f"### {title}\n\n{note}\n\n{header}{body}"
     (out / "table.md").write_text(markdown)
     return markdown

@@ -1,0 +1,87 @@
+import pandas as pd
+import pytest
+
+import fedsim.table
+from fedsim.cli import main
+from fedsim.preflight import load
+from fedsim.stats import format_diff, paired_difference
+from fedsim.table import build_table, variants_of, write_table
+from tests.conftest import TINY
+
+DOMAINS = ["cloudy", "rainy", "snowy"]
+FEDAVG = {0: 0.50, 1: 0.52, 2: 0.47}
+SERVER = {0: 0.48, 1: 0.49, 2: 0.46}
+COMMIT_A, COMMIT_B = "abcdef0123456789abcdef0123456789abcdef01", "1234567890abcdef1234567890abcdef12345678"
+DELTA = "Δ total vs server_only (95% CI)"
+
+
+@pytest.fixture
+def variants():
+    return variants_of(load(str(TINY), [], []), "server_only,fedavg,fedprox", 3)
+
+
+@pytest.fixture
+def fake_runs(monkeypatch, variants):
+    rows = []
+    for label, totals, commits in [
+        ("server_only", SERVER, [COMMIT_A] * 3),
+        ("fedavg", FEDAVG, [COMMIT_B, COMMIT_A, COMMIT_B]),
+        ("fedprox", {1: 0.40}, [None]),  # one shared seed only; its run predates the git_commit tag
+    ]:
+        for (seed, total), commit in zip(totals.items(), commits, strict=True):
+            rows.append(
+                {
+                    "tags.config_key": variants[label][seed].key(),
+                    "tags.strategy": label,
+                    "tags.seed": str(seed),
+                    "tags.git_commit": commit,
+                    **{f"metrics.map50/{d}": total + 0.01 * i for i, d in enumerate(DOMAINS)},
+                    "metrics.map50/total": total,
+                }
+            )
+    # another experiment's run (not one of the table's configs), and the rows out of seed order
+    rows.append({**rows[0], "tags.config_key": "elsewhere", "metrics.map50/total": 0.99, "tags.git_commit": "f" * 40})
+    runs = pd.DataFrame(rows).sample(frac=1, random_state=0).reset_index(drop=True)
+    monkeypatch.setattr(fedsim.table, "recorded_runs", lambda uri, experiment: runs)
+    return runs
+
+
+def test_delta_column_is_the_paired_difference_by_seed(fake_runs, variants, tmp_path):
+    table = build_table("sqlite:///unused.db", "tiny", variants, DOMAINS, reference="server_only").set_index("strategy")
+    seeds = [0, 1, 2]
+    expected = format_diff(paired_difference([FEDAVG[s] for s in seeds], [SERVER[s] for s in seeds]))
+    # by hand: differences 0.02, 0.03, 0.01 -> mean 0.02, sd 0.01, t(0.975, 2 dof) = 4.302652729911275
+    half = 4.302652729911275 * 0.01 / 3**0.5
+    assert expected == f"{0.02:+.3f} [{0.02 - half:+.3f}, {0.02 + half:+.3f}]" == "+0.020 [-0.005, +0.045]"
+    assert table.loc["fedavg", DELTA] == expected
+    assert table.loc["server_only", DELTA] == "reference"
+    assert table.loc["fedprox", DELTA] == "n/a"
+    assert table.loc["fedavg", "commit"] == "1234567,abcdef0"
+    assert table.loc["server_only", "commit"] == "abcdef0"
+    assert table.loc["fedprox", "commit"] == ""
+    assert table.loc["fedavg", "total_mean"] == pytest.approx(sum(FEDAVG.values()) / 3)
+
+    md = write_table(table.reset_index(), tmp_path, DOMAINS, "tiny, 3 seeds")
+    assert f"| strategy | cloudy | rainy | snowy | total | {DELTA} | seeds | commit |" in md
+    assert "| 0.497 ± 0.021 | +0.020 [-0.005, +0.045] | 0,1,2 | 1234567,abcdef0 |" in md
+    assert (tmp_path / "table.md").read_text() == md
+    assert pd.read_csv(tmp_path / "table.csv", keep_default_na=False)[DELTA].tolist() == ["reference", expected, "n/a"]
+
+
+def test_without_reference_only_the_commit_column_is_added(fake_runs, variants, tmp_path):
+    table = build_table("sqlite:///unused.db", "tiny", variants, DOMAINS)
+    assert not [c for c in table.columns if c.startswith("Δ")]
+    md = write_table(table, tmp_path, DOMAINS, "tiny")
+    assert "| strategy | cloudy | rainy | snowy | total | seeds | commit |" in md
+    with pytest.raises(ValueError, match="not one of the table's rows"):
+        build_table("sqlite:///unused.db", "tiny", variants, DOMAINS, reference="fedmox")
+
+
+def test_cli_rejects_a_reference_outside_the_strategies_before_running(tmp_path, capsys):
+    code = main(
+        ["table", "--config", str(TINY), "--strategies", "server_only,fedavg", "--out", str(tmp_path)]
+        + ["--reference", "fedmox"]
+    )
+    assert code == 2
+    assert "--reference 'fedmox' is not one of --strategies: server_only, fedavg" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
