@@ -87,5 +87,5 @@ def test_bad_real_data_fails_before_ray_with_paths(tmp_path):
     overrides = ["data.format=yolo", f"data.root={root}", "data.on_bad=fail", "data.client_domains=[rainy]"]
     result = run_fedsim(["run", str(TINY), *sum((["--set", o] for o in overrides), [])], cwd=tmp_path, timeout=120)
     assert result.returncode == 2
-    assert "fedsim: data error:" in result.stderr and "rainy/labels/1.txt" in result.stderr
+    assert "fedsim: check: data:" in result.stderr and "rainy/labels/1.txt" in result.stderr
     assert not (tmp_path / "runs").exists()
