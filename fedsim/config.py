@@ -74,12 +74,17 @@ class ModelConfig(Section):
     # Load a .pt that needs classes outside the safe allow-list (fedsim/model/checkpoint.py): it
     # can run code when unpickled, so only for files whose source you trust.
     trust_checkpoint: bool = False
+    # The frozen backbone's precision on client actors only (the server and the trained head stay
+    # float32): bf16 weights and activations, or int8 weights dequantized per layer at forward time.
+    client_backbone: Literal["fp32", "bf16", "int8"] = "fp32"
 
     @model_serializer(mode="wrap")
     def _omit_trust_at_default(self, handler) -> dict[str, Any]:
-        data = handler(self)  # it changes nothing a run computes, so it stays out of cfg.key()
+        data = handler(self)  # trust changes nothing a run computes, so it stays out of cfg.key()
         if data.get("trust_checkpoint") is False:
             del data["trust_checkpoint"]
+        if data.get("client_backbone") == "fp32":  # added later: configs that leave it keep their key()
+            del data["client_backbone"]
         return data
 
     @field_validator("weights")
@@ -200,15 +205,52 @@ class TrainConfig(Section):
     warmup_epochs: int = Field(10, ge=0)  # server-only supervised epochs before round 1
     server_epochs: int = Field(1, ge=0)  # supervised server epochs per round
     client_epochs: int = Field(1, gt=0)  # unsupervised local epochs per round
-    client_lr: float | None = Field(None, gt=0)  # default: lr
+    client_lr: float | None = Field(None, gt=0)  # default: lr; cosine over the rounds like the server's
+    client_lr_warmup_rounds: int = Field(1, ge=0)  # client lr ramps up linearly over these first rounds
     ema_momentum: float = Field(0.99, ge=0, lt=1)  # client teacher, reset from the received model each job
     conf_thres: float = Field(0.4, gt=0, lt=1)  # pseudo-label confidence threshold (FedSTO's tau2)
     ignore_thres: float | None = Field(0.1, ge=0, lt=1)  # scores in [this, conf_thres): no class loss (tau1)
     nms_iou: float = Field(0.65, gt=0, lt=1)
     unsup_weight: float = Field(1.0, gt=0)
     client_bn_stats: Literal["frozen", "train"] = "frozen"  # clients keep the received BatchNorm statistics
+    # The student learns a strong view (random scale in strong_scale, shift, flip, colour, blur, noise,
+    # cutouts) of what the teacher labelled on the weak view (flip only); "weak": both see the weak view.
+    student_view: Literal["weak", "strong"] = "strong"
+    strong_scale: tuple[float, float] = (0.5, 1.5)
+    # Supervised epochs (warm-up, server rounds, centralized baselines) resize each batch by a random
+    # factor in server_scale (covering the clients' resolution) and jitter its colours; null: flip only.
+    server_scale: tuple[float, float] | None = (0.5, 1.0)
+    # Score each client's pseudo-labels against its true labels (the simulator keeps them; no real
+    # client has them): pseudo/precision|recall|iou/<domain> per round. Nothing trains on them.
+    pseudo_diagnostics: bool = True
     server_threads: int = Field(2, gt=0)
     eval_batch: int = Field(16, gt=0)
+
+
+class CompressionConfig(Section):
+    """What a client sends back (``fedsim/compression.py``); the global state travels down uncompressed.
+
+    Every codec encodes the float entries' *delta* from the received state; integer buffers
+    (BatchNorm batch counters) travel as they are. ``topk`` sends the ``topk_fraction`` largest
+    entries of delta + the client's residual (error feedback) and keeps the rest as its new residual.
+    """
+
+    uplink: Literal["none", "fp16", "int8", "topk"] = "none"
+    int8_granularity: Literal["tensor", "channel"] = "channel"  # affine int8 per tensor or per output channel
+    topk_fraction: float = Field(0.1, gt=0, le=1)
+
+
+class PrivacyConfig(Section):
+    """Client-level DP-FedAvg (McMahan et al. 2018); see ``fedsim/privacy.py`` for the threat model.
+
+    Each client's delta is clipped to L2 norm ``clip_norm``; the server adds N(0, (noise_multiplier *
+    clip_norm)^2) to the sum of clipped deltas once per round and divides by the clients per round.
+    """
+
+    clip_norm: float | None = Field(None, gt=0)  # None: no clipping, no noise (privacy off)
+    noise_multiplier: float = Field(0.0, ge=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
 
 
 class TrackingConfig(Section):
@@ -229,6 +271,16 @@ class ExperimentConfig(Section):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @model_serializer(mode="wrap")
+    def _omit_sections_at_default(self, handler) -> dict[str, Any]:
+        data = handler(self)  # sections added later: left out while at their defaults, as in ClientsConfig
+        for key, default in (("compression", CompressionConfig()), ("privacy", PrivacyConfig())):
+            if key in data and getattr(self, key) == default:
+                del data[key]
+        return data
 
     def flat(self) -> dict[str, str]:
         """Dotted-key view for MLflow params."""

@@ -10,6 +10,7 @@ the strategies and the tests can all share these types without importing each ot
 - ``ClientJob`` / ``ClientResult`` / ``ClientFailure``: the messages between the driver and a client
   actor. A result keeps device telemetry (``ClientTelemetry``: work, bytes, time, memory) apart from
   the method's own figures (``metrics``: losses, pseudo-label counts, routing counts).
+- ``Payload``: a compressed update as it travels up (``fedsim/compression.py`` encodes and decodes it).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ClientPlan:
     ema_momentum: float  # the client's teacher, reset from the received model each job
     unsup_weight: float
     freeze_bn: bool  # keep the received BatchNorm statistics
+    strong_scale: tuple[float, float] | None = None  # the student's strong view's zoom range; None: weak view
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,28 @@ class ClientJob:
     plan: ClientPlan | None  # None for ``clients.work: noop``
     threads: int | None = None  # the device profile's torch threads (None: the actor's default)
     budget_mib: float | None = None  # the device profile's memory budget (None: the actor's default)
+    # Top-k error feedback: the residual a real device would keep in its own memory. The driver keeps
+    # it between jobs so that actors stay stateless; it is not a transfer and counts in no bytes.
+    residual: State | None = None
+
+
+@dataclass
+class Payload:
+    """An encoded update. Only ``arrays`` and ``raw`` travel (and count as bytes): the names, shapes
+    and order of the entries follow from the round's travelling keys, which both ends know.
+
+    ``codec`` is ``fp16``, ``int8`` or ``topk``; ``arrays`` holds the codec's arrays of the float
+    entries' deltas; ``raw`` the integer entries, unchanged; ``shapes`` the float entries in order.
+    """
+
+    codec: str
+    arrays: dict[str, np.ndarray]
+    raw: State
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()) + sum(a.nbytes for a in self.raw.values()))
 
 
 @dataclass
@@ -90,6 +114,10 @@ class ClientResult:
     num_samples: int
     telemetry: ClientTelemetry = field(default_factory=ClientTelemetry)
     metrics: dict[str, float] = field(default_factory=dict)  # the method's figures (losses, routing)
+    # With compression: what travelled (``update`` is empty until the driver decodes it) and the
+    # client's new top-k residual (device memory, not a transfer).
+    payload: Payload | None = None
+    residual: State | None = None
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch import nn
 
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.model.detector import freeze_backbone, trainable_keys
+from fedsim.train.supervised import cosine_lr
 from fedsim.types import ClientPlan, ClientResult, ServerPlan, State
 
 
@@ -99,9 +100,12 @@ class Strategy:
         return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
 
     def client_plan(self, rnd: int) -> ClientPlan:
+        """Round ``rnd``'s client settings; the lr follows the server's cosine over the rounds, after a
+        linear warm-up over ``train.client_lr_warmup_rounds``."""
         t = self.cfg.train
+        ramp = min(1.0, rnd / (t.client_lr_warmup_rounds + 1))
         return ClientPlan(
-            lr=t.client_lr or t.lr,
+            lr=cosine_lr(t.client_lr or t.lr, rnd - 1, self.cfg.rounds) * ramp,
             weight_decay=t.weight_decay,
             epochs=t.client_epochs,
             batch=t.batch,
@@ -111,6 +115,7 @@ class Strategy:
             ema_momentum=t.ema_momentum,
             unsup_weight=t.unsup_weight,
             freeze_bn=t.client_bn_stats == "frozen",
+            strong_scale=tuple(t.strong_scale) if t.student_view == "strong" else None,
         )
 
     def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:

@@ -1,7 +1,9 @@
+import pytest
 import torch
 from torch import nn
 
-from fedsim.train.pseudo import EMATeacher, pseudo_labels
+from fedsim.train.augment import Affine, apply_geometric
+from fedsim.train.pseudo import EMATeacher, pseudo_labels, warp_scores
 
 
 class FixedDetector(nn.Module):
@@ -56,3 +58,25 @@ def test_uncertain_teacher_scores_carry_no_background_loss():
     torch.testing.assert_close(loss[0, 0, [0, 2]], plain[0, 0, [0, 2]])
     unsure_but_assigned = IgnoreUncertainBCE(teacher, 0.1, 0.5)(pred, torch.tensor([[[0.0, 0.6, 0.8]]]))
     assert unsure_but_assigned[0, 0, 1] > 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [Affine(1.0, (16.0, 8.0), False), Affine(1.0, (-8.0, 8.0), True), Affine(2.0, (8.0, 0.0), True), Affine(0.5)],
+)
+def test_teacher_scores_follow_the_strong_views_geometry(params):
+    """The ignore mask (teacher scores warped per level) covers the same pixels as the mapped box."""
+    height, width, strides = 64, 128, [8, 16, 32]
+    anchors = sum((height // s) * (width // s) for s in strides)
+    h, w = height // 8, width // 8
+    scores = torch.zeros(1, anchors, 1)
+    scores[0, : h * w, 0].view(h, w)[1:5, 2:6] = 1.0  # level P3 cells covering x 16..48, y 8..40
+    warped = warp_scores(scores, [params], (height, width), strides)[0, : h * w, 0].view(h, w)
+    ys, xs = warped.nonzero(as_tuple=True)
+    box = {"img": torch.zeros(1, 3, height, width), "batch_idx": torch.zeros(1), "cls": torch.zeros(1, 1)}
+    box["bboxes"] = torch.tensor([[32 / width, 24 / height, 32 / width, 32 / height]])
+    moved = apply_geometric(box, [params], min_visible=0.0)["bboxes"][0] * torch.tensor([width, height] * 2)
+    x, y, bw, bh = moved.tolist()
+    cells = (xs.min().item() * 8, (xs.max().item() + 1) * 8, ys.min().item() * 8, (ys.max().item() + 1) * 8)
+    # nearest-neighbour sampling of an 8-px grid: edges agree to half a cell
+    assert cells == pytest.approx((max(0, x - bw / 2), x + bw / 2, max(0, y - bh / 2), y + bh / 2), abs=4)

@@ -95,6 +95,8 @@ def label_path(image: Path) -> Path:
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
+    except FileExistsError:  # another run built the same view at the same time
+        pass
     except OSError:
         shutil.copyfile(src, dst)
 

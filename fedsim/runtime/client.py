@@ -17,6 +17,11 @@ budget; the round just never sees its update.
 ``clients.work: noop`` skips all of it but the transfers: the client returns the state it
 received, with ``num_samples = 1``, and touches no data. That is how the driver, the pool and the
 aggregation are measured and tested at scale without paying for training.
+
+With ``compression.uplink`` set, the update travels encoded (``fedsim/compression.py``): the result
+carries the payload instead of the state, ``bytes_up`` counts the payload's arrays, and a top-k
+client returns its new residual beside it (device memory, which the driver keeps between jobs).
+``model.client_backbone`` lowers the frozen backbone's precision once, when the actor is built.
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ import numpy as np
 import ray
 import torch
 
+from fedsim.compression import encode
 from fedsim.config import ExperimentConfig
 from fedsim.model.detector import build_from_spec, get_state, set_state
+from fedsim.model.precision import lower_backbone
 from fedsim.runtime.memory import PeakMemory, rss_bytes
+from fedsim.train.augment import StrongAugment
 from fedsim.train.pseudo import EMATeacher, unsupervised_epoch
 from fedsim.train.supervised import build_dataset, make_loader, make_optimizer
-from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientTelemetry, State
+from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientTelemetry, Payload, State
 from strategies import build as build_strategy
 
 
@@ -70,6 +78,7 @@ class ClientWorker:
             self.strategy = build_strategy(self.cfg)
             self.model = self.strategy.build_model(build_from_spec(model_spec, self.cfg.data.classes))
             set_state(self.model, full_state)
+            lower_backbone(self.model, self.cfg.model.client_backbone)
         self.base_rss = rss_bytes()  # after the build: what the worker holds before any job
 
     def run(self, job: ClientJob, global_state: State) -> ClientResult | ClientFailure:
@@ -90,15 +99,25 @@ class ClientWorker:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    def _encode(self, job: ClientJob, update: State, global_state: State) -> tuple[State, Payload | None, State | None]:
+        """(the state to send, or {} with a payload instead; the new top-k residual)."""
+        if self.cfg.compression.uplink == "none":
+            return update, None, None
+        payload, residual = encode(update, global_state, self.cfg.compression, job.residual)
+        return {}, payload, residual
+
     def _noop(self, job: ClientJob, global_state: State) -> ClientResult:
         start = time.perf_counter()
         with PeakMemory(self.base_rss) as mem:
-            update = dict(global_state)
-        nbytes = float(sum(v.nbytes for v in global_state.values()))
+            update, payload, residual = self._encode(job, dict(global_state), global_state)
+        up = payload.nbytes if payload is not None else sum(v.nbytes for v in update.values())
         telemetry = ClientTelemetry(
-            seconds=time.perf_counter() - start, peak_mem_mib=mem.peak_mib, bytes_up=nbytes, bytes_down=nbytes
+            seconds=time.perf_counter() - start,
+            peak_mem_mib=mem.peak_mib,
+            bytes_up=float(up),
+            bytes_down=float(sum(v.nbytes for v in global_state.values())),
         )
-        return ClientResult(job.client_id, job.round, update, 1, telemetry)
+        return ClientResult(job.client_id, job.round, update, 1, telemetry, payload=payload, residual=residual)
 
     def _train(self, job: ClientJob, global_state: State) -> ClientResult:
         start = time.perf_counter()
@@ -113,6 +132,9 @@ class ClientWorker:
         received = {k: torch.from_numpy(np.array(v)) for k, v in global_state.items()}
         dataset = build_dataset(job.images, job.imgsz, self.cfg.data.classes, plan.batch)
         self.strategy.begin_training(model)
+        strong = None
+        if plan.strong_scale is not None:
+            strong = StrongAugment(scale_min=plan.strong_scale[0], scale_max=plan.strong_scale[1])
         with PeakMemory(self.base_rss) as mem:
             teacher = EMATeacher(model, plan.ema_momentum, keys)
             optimizer = make_optimizer(model, plan.lr, plan.weight_decay)
@@ -130,19 +152,23 @@ class ClientWorker:
                     unsup_weight=plan.unsup_weight,
                     ignore_thres=plan.ignore_thres,
                     freeze_bn=plan.freeze_bn,
+                    strong=strong,
                     extra_loss=partial(self.strategy.client_loss_terms, received=received, rnd=job.round),
                 )
             del teacher, optimizer
         metrics.update(self.strategy.client_metrics(model))
-        update = get_state(model, keys)
+        update, payload, residual = self._encode(job, get_state(model, keys), global_state)
+        up = payload.nbytes if payload is not None else sum(v.nbytes for v in update.values())
         telemetry = ClientTelemetry(
             seconds=time.perf_counter() - start,
             peak_mem_mib=mem.peak_mib,
-            bytes_up=float(sum(v.nbytes for v in update.values())),
+            bytes_up=float(up),
             bytes_down=float(sum(v.nbytes for v in global_state.values())),
             work_images=float(len(dataset) * plan.epochs),  # the virtual clock's compute measure
         )
-        return ClientResult(job.client_id, job.round, update, len(dataset), telemetry, metrics)
+        return ClientResult(
+            job.client_id, job.round, update, len(dataset), telemetry, metrics, payload=payload, residual=residual
+        )
 
 
 @ray.remote

@@ -13,6 +13,11 @@ N = 1000. A round with fewer than ``clients.min_clients`` usable results ends th
 ``TooFewClients`` after the previous round's checkpoint, leaving the MLflow run FAILED; ``--resume``
 continues from that checkpoint.
 
+Between the client phase and ``strategy.aggregate`` the driver decodes compressed updates and files
+top-k residuals (``uplink.py``), and with ``privacy.clip_norm`` set it aggregates through
+``private.PrivateAggregate`` (clipping, noise, ``privacy/epsilon``) instead of calling the strategy
+directly. The server's own epoch is never noised (see ``fedsim/privacy.py`` for the threat model).
+
 A strategy's answers are applied here, the same way on every path: ``init_weights`` once on a new
 run (it changes only checkpointed state), ``server_plan(rnd)`` before every warm-up and server
 epoch, new or resumed. After each round the callbacks run (``callbacks.py``): MLflow, then the
@@ -31,9 +36,11 @@ import torch
 from fedsim.config import ExperimentConfig
 from fedsim.data.partition import Partition
 from fedsim.model.detector import build_detector, get_state, model_spec, set_state, state_nbytes
+from fedsim.privacy import enabled as privacy_enabled
 from fedsim.runtime.callbacks import Callback, Checkpointer, MlflowLogger, latest_checkpoint, load_checkpoint
 from fedsim.runtime.client import ClientActor
 from fedsim.runtime.pool import ClientPool
+from fedsim.runtime.private import PrivateAggregate
 from fedsim.runtime.resources import ProfileAssignment, actor_options, pool_size
 from fedsim.runtime.rounds import (
     ClientPhase,
@@ -42,12 +49,14 @@ from fedsim.runtime.rounds import (
     check_quorum,
     client_rows,
     jobs_per_round,
+    pseudo_label_metrics,
     round_metrics,
     write_client_rows,
 )
 from fedsim.runtime.server import ServerTrainer
+from fedsim.runtime.uplink import Uplink
 from fedsim.tracking import Tracker, git_commit
-from fedsim.types import State
+from fedsim.types import ClientResult, State
 from strategies import build as build_strategy
 
 
@@ -82,10 +91,12 @@ class Simulation:
         self.stop_after = stop_after  # end early, as a killed run would, leaving the MLflow run unfinished
         self.callbacks: list[Callback] = [MlflowLogger(), Checkpointer(cfg.tracking.keep_checkpoints)]
         self.callbacks += callbacks or []
-        self.shards = ShardIndex.from_partition(self.partition)
+        self.shards = ShardIndex.from_partition(self.partition, with_labels=cfg.train.pseudo_diagnostics)
         self.profiles = ProfileAssignment.from_config(cfg.clients)
         self.pool: ClientPool | None = None
         self.phase: ClientPhase | None = None
+        self.uplink = Uplink(cfg.compression)
+        self.private = PrivateAggregate(self.strategy.aggregate, cfg) if privacy_enabled(cfg.privacy) else None
 
     # -- setup -------------------------------------------------------------------------------
     def _start_pool(self) -> None:
@@ -98,7 +109,9 @@ class Simulation:
         self._spec = None if noop else model_spec(self.model)
         self.pool = ClientPool(self._new_actor, n)
         self.pool_size = n
-        self.phase = ClientPhase(self.cfg, self.strategy, self.shards, self.partition.client_imgsz, self.pool)
+        self.phase = ClientPhase(
+            self.cfg, self.strategy, self.shards, self.partition.client_imgsz, self.pool, self.uplink.residual_of
+        )
 
     def _new_actor(self):
         profile = self.profiles.pool_profile()
@@ -142,6 +155,7 @@ class Simulation:
         blob = load_checkpoint(path)
         set_state(self.model, blob["state"])
         self.strategy.load_state_dict(blob["strategy"])
+        self.uplink.load_state_dict(blob.get("uplink", {}))
         self.history = blob["history"]
         self._open_tracker(blob["run_id"])
         return int(blob["round"])
@@ -200,6 +214,13 @@ class Simulation:
         self._notify("on_run_end", "FINISHED")
         yield {"event": "done", "run_id": self.tracker.run_id, "run_dir": str(self.run_dir)}
 
+    def _aggregate(self, global_state: State, kept: list[ClientResult], rnd: int, metrics: dict[str, float]) -> State:
+        if self.private is None:
+            return self.strategy.aggregate(global_state, kept, rnd)
+        merged, privacy_metrics = self.private(global_state, kept, rnd)
+        metrics.update(privacy_metrics)
+        return merged
+
     def _one_round(self, rnd: int) -> dict[str, float]:
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -210,9 +231,11 @@ class Simulation:
                 print(f"round {rnd}: client {f.client_id} failed: {f.error.splitlines()[0]}", flush=True)
             write_client_rows(self.client_table(rnd), client_rows(outcome, self.profiles))
             check_quorum(outcome, self.cfg.clients.min_clients)
-            set_state(self.model, self.strategy.aggregate(global_state, outcome.kept, rnd))
+            self.uplink.receive(outcome.kept, global_state)
+            set_state(self.model, self._aggregate(global_state, outcome.kept, rnd, metrics))
             metrics.update(round_metrics(outcome, state_nbytes(global_state)))
             metrics.update(self.strategy.round_metrics(outcome.kept, self.shards))
+            metrics.update(pseudo_label_metrics(outcome.kept, self.shards))
             outcome.release_updates()  # before the server epoch, which needs the memory more
         self.strategy.begin_training(self.model)
         plan = self.strategy.server_plan(rnd)

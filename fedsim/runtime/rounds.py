@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from fedsim.runtime.clock import JobTime, first_to_finish, job_time
 from fedsim.runtime.pool import ClientPool
 from fedsim.runtime.resources import ProfileAssignment
 from fedsim.runtime.server import derive_seed
+from fedsim.train.pseudo_quality import QualityCounts
 from fedsim.types import ClientFailure, ClientJob, ClientResult, State
 
 
@@ -56,9 +57,12 @@ class ShardIndex(Mapping):
         self.shards = shards
 
     @classmethod
-    def from_partition(cls, partition) -> ShardIndex:
+    def from_partition(cls, partition, with_labels: bool = False) -> ShardIndex:
+        """The clients' shards; ``with_labels``: their labeled views instead (images + true labels), which
+        only the pseudo-label diagnostics read, never the training."""
         ordered = sorted(partition.clients, key=lambda c: c.client_id)
-        return cls([Shard(str(c.images), c.domain, c.num_images) for c in ordered])
+        paths = [partition.labeled_client_view(c.client_id) if with_labels else c.images for c in ordered]
+        return cls([Shard(str(p), c.domain, c.num_images) for p, c in zip(paths, ordered, strict=True)])
 
     def shard(self, client_id: int) -> Shard:
         return self.shards[client_id % len(self.shards)]
@@ -88,7 +92,7 @@ class RoundOutcome:
     def release_updates(self) -> None:
         """Drop the clients' states once aggregated (the object store can then reuse their pages)."""
         for r in self.kept + self.stragglers:
-            r.update = {}
+            r.update, r.payload, r.residual = {}, None, None
 
 
 def over_selected(wanted: int, factor: float, num_clients: int) -> int:
@@ -119,13 +123,24 @@ def sample_clients(strategy: Any, cfg: Any, rnd: int) -> tuple[list[int], int]:
 
 
 class ClientPhase:
-    def __init__(self, cfg: Any, strategy: Any, shards: ShardIndex, imgsz: int, pool: ClientPool):
+    """``residual_of``: a client's top-k residual to send with its job (``uplink.Uplink``), if any."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        strategy: Any,
+        shards: ShardIndex,
+        imgsz: int,
+        pool: ClientPool,
+        residual_of: Callable[[int], State | None] | None = None,
+    ):
         self.cfg = cfg
         self.strategy = strategy
         self.shards = shards
         self.imgsz = imgsz
         self.pool = pool
         self.profiles = ProfileAssignment.from_config(cfg.clients)
+        self.residual_of = residual_of
 
     def jobs(self, rnd: int, selected: list[int]) -> list[ClientJob]:
         plan = self.strategy.client_plan(rnd) if self.cfg.clients.work == "train" else None
@@ -142,6 +157,7 @@ class ClientPhase:
                     plan,
                     threads=profile.threads,
                     budget_mib=profile.budget_mib,
+                    residual=self.residual_of(cid) if self.residual_of else None,
                 )
             )
         return out
@@ -168,7 +184,7 @@ class ClientPhase:
         }
         cut = first_to_finish(results, {k: t.total_s for k, t in times.items()}, wanted, c.deadline_s)
         for r in cut.stragglers:
-            r.update = {}  # never aggregated: free them now
+            r.update, r.payload, r.residual = {}, None, None  # never aggregated: free them now
         return RoundOutcome(rnd, wanted, jobs, cut.kept, cut.stragglers, failures, times, cut.round_sim_s)
 
 
@@ -187,6 +203,22 @@ def _mean(results: list[ClientResult], key: str) -> float:
 
 def _mean_seconds(results: list[ClientResult]) -> float:
     return float(np.mean([r.telemetry.seconds for r in results])) if results else 0.0
+
+
+def pseudo_label_metrics(results: list[ClientResult], domains: Mapping[int, str]) -> dict[str, float]:
+    """Pseudo-label precision, recall and mean IoU per client domain, pooled over the round's clients."""
+    pooled: dict[str, QualityCounts] = {}
+    for r in results:
+        if "pseudo_tp" in r.metrics:
+            counts = QualityCounts.from_dict(
+                {k[len("pseudo_") :]: v for k, v in r.metrics.items() if k.startswith("pseudo_")}
+            )
+            pooled[domains[r.client_id]] = pooled.get(domains[r.client_id], QualityCounts()) + counts
+    out = {}
+    for domain, q in pooled.items():
+        out.update({f"pseudo/precision/{domain}": q.precision, f"pseudo/recall/{domain}": q.recall})
+        out[f"pseudo/iou/{domain}"] = q.mean_iou
+    return out
 
 
 def round_metrics(outcome: RoundOutcome, state_bytes: int) -> dict[str, float]:

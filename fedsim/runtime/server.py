@@ -70,7 +70,13 @@ class ServerTrainer:
     def _epoch(self, plan: ServerPlan, optimizer: torch.optim.Optimizer, seed: int) -> dict[str, float]:
         loader = make_loader(self.dataset(plan), self.train_cfg.batch, shuffle=True, seed=seed)
         return supervised_epoch(
-            self.model, loader, optimizer, seed=seed, extra_loss=plan.extra_loss, frozen_backbone=plan.frozen_backbone
+            self.model,
+            loader,
+            optimizer,
+            seed=seed,
+            extra_loss=plan.extra_loss,
+            frozen_backbone=plan.frozen_backbone,
+            scale=self.train_cfg.server_scale,
         )
 
     def warmup(self, epochs: int, plan: ServerPlan) -> dict[str, float]:

@@ -18,9 +18,13 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 from ultralytics.utils.nms import non_max_suppression
 
 from fedsim.model.detector import freeze_batchnorm_stats, train_mode
+from fedsim.train.augment import Affine, StrongAugment, apply_geometric, draw_affine, photometric_image
+from fedsim.train.pseudo_quality import QualityCounts, match_counts
 from fedsim.train.supervised import CPU, ExtraLoss, loss_items
 
 
@@ -93,6 +97,44 @@ def pseudo_labels(
     return {"batch_idx": torch.cat(idx), "cls": torch.cat(cls), "bboxes": torch.cat(boxes), "conf": torch.cat(conf)}
 
 
+def warp_scores(scores: torch.Tensor, params: list[Affine], hw: tuple[int, int], strides: list[int]) -> torch.Tensor:
+    """Teacher class scores ``(B, anchors, nc)`` on the weak view, moved into the strong view's geometry.
+
+    Anchors are each level's grid, flattened row-major, levels in stride order (Ultralytics'
+    ``make_anchors``). Every level map goes through the image's affine transform in its own pixel
+    units (nearest neighbour); locations that come from outside the image get score 0, i.e. plain
+    background, as the padding there is.
+    """
+    height, width = hw
+    out, start = [], 0
+    for stride in strides:
+        h, w = height // stride, width // stride
+        level = scores[:, start : start + h * w].reshape(scores.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        warped = torch.stack(
+            [
+                TF.horizontal_flip(moved) if p.flip else moved
+                for p, moved in (
+                    (
+                        p,
+                        TF.affine(
+                            level[i],
+                            angle=0.0,
+                            translate=[p.translate[0] / stride, p.translate[1] / stride],
+                            scale=p.scale,
+                            shear=[0.0, 0.0],
+                            interpolation=InterpolationMode.NEAREST,
+                            fill=0.0,
+                        ),
+                    )
+                    for i, p in enumerate(params)
+                )
+            ]
+        )
+        out.append(warped.permute(0, 2, 3, 1).reshape(scores.shape[0], h * w, -1))
+        start += h * w
+    return torch.cat(out, 1)
+
+
 def unsupervised_epoch(
     student: nn.Module,
     teacher: EMATeacher,
@@ -106,8 +148,18 @@ def unsupervised_epoch(
     device: torch.device = CPU,
     ignore_thres: float | None = 0.1,
     freeze_bn: bool = True,
+    strong: StrongAugment | None = None,
 ) -> dict[str, float]:
-    """One local epoch on unlabeled images. Any labels the loader carries are dropped unread.
+    """One local epoch on unlabeled images: the teacher labels a weak view, the student learns a strong one.
+
+    Weak view: the image, flipped at random. Strong view (``strong``; None: the weak view itself):
+    a random scale/translate/flip of the weak view with the pseudo-boxes mapped through the same
+    transform, then photometric noise (``fedsim.train.augment``). The uncertain band's teacher
+    scores are warped the same way, so the ignore mask lines up with the student's anchors.
+
+    Labels the loader carries are never trained on; when present (a simulator diagnostic: the
+    clients' true labels, which no real client has) they score the pseudo-labels:
+    ``pseudo_precision``, ``pseudo_recall``, ``pseudo_iou`` and their counts.
 
     ``ignore_thres``: lower edge of the uncertain band (None: every unlabeled location is background).
     ``freeze_bn``: keep BatchNorm statistics as received. Low-res, shifted client batches would
@@ -116,13 +168,26 @@ def unsupervised_epoch(
     generator = torch.Generator().manual_seed(seed)
     sums = np.zeros(4)
     steps = n_pseudo = 0
+    quality = QualityCounts()
+    strides = [int(s) for s in student.stride]
     for raw in loader:
         img = raw["img"].to(device).float() / 255.0
         flip = torch.rand(img.shape[0], generator=generator) < 0.5
-        img[flip] = img[flip].flip(-1)  # teacher and student see the same flipped view
+        img[flip] = img[flip].flip(-1)  # the weak view
         preds = teacher_predict(teacher.model, img)
         batch = {"img": img, **pseudo_labels(preds, img, conf_thres, iou_thres)}
         n_pseudo += int(batch["cls"].shape[0])
+        if len(raw.get("cls", ())):
+            quality = quality + match_counts(batch, _flipped_truth(raw, flip, device))
+        scores = preds[:, 4:].permute(0, 2, 1)
+        if strong is not None:
+            n, _, height, width = img.shape
+            params = [draw_affine(generator, strong, height, width) for _ in range(n)] if strong.geometric else None
+            if params is not None:
+                batch = apply_geometric(batch, params, strong.min_visible, strong.min_size, strong.fill)
+                scores = warp_scores(scores, params, (height, width), strides)
+            if strong.photometric:
+                batch["img"] = torch.stack([photometric_image(batch["img"][i], generator, strong) for i in range(n)])
         train_mode(student)
         if freeze_bn:
             freeze_batchnorm_stats(student)
@@ -130,7 +195,7 @@ def unsupervised_epoch(
         student.criterion = criterion
         plain_bce = criterion.bce
         if ignore_thres is not None and ignore_thres < conf_thres:
-            criterion.bce = IgnoreUncertainBCE(preds[:, 4:].permute(0, 2, 1), ignore_thres, conf_thres)
+            criterion.bce = IgnoreUncertainBCE(scores, ignore_thres, conf_thres)
         try:
             loss, items = student.loss(batch)
         finally:
@@ -147,7 +212,7 @@ def unsupervised_epoch(
         sums[:3] += loss_items(items)
         steps += 1
     mean = sums / max(steps, 1)
-    return {
+    out = {
         "box_loss": mean[0],
         "cls_loss": mean[1],
         "dfl_loss": mean[2],
@@ -155,3 +220,15 @@ def unsupervised_epoch(
         "steps": steps,
         "n_pseudo": n_pseudo,
     }
+    if quality.tp + quality.fp + quality.fn > 0:
+        out.update({f"pseudo_{k}": v for k, v in quality.as_dict().items()})
+    return out
+
+
+def _flipped_truth(raw: dict, flip: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """The loader's true labels in the weak view's geometry (the flipped images flipped too)."""
+    boxes = raw["bboxes"].to(device).clone()
+    owner = raw["batch_idx"].long().to(device)
+    rows = flip.to(device)[owner]
+    boxes[rows, 0] = 1.0 - boxes[rows, 0]
+    return {"batch_idx": raw["batch_idx"].to(device), "cls": raw["cls"].to(device), "bboxes": boxes}

@@ -18,8 +18,11 @@ from ultralytics.cfg import get_cfg
 from ultralytics.data.dataset import YOLODataset
 
 from fedsim.model.detector import train_mode
+from fedsim.train.augment import StrongAugment, photometric_image, scale_jitter
 
 CPU = torch.device("cpu")
+# Labeled images get colour, blur and noise jitter, but no cutouts (they would hide labeled objects).
+SERVER_PHOTOMETRIC = StrongAugment(geometric=False, jitter_prob=0.8, grayscale_prob=0.1, blur_prob=0.3, erase_prob=0.0)
 ExtraLoss = Callable[[nn.Module], torch.Tensor | None]
 
 
@@ -147,14 +150,26 @@ def supervised_epoch(
     extra_loss: ExtraLoss | None = None,
     frozen_backbone: bool = True,
     device: torch.device = CPU,
+    scale: tuple[float, float] | None = None,
 ) -> dict[str, float]:
-    """One pass over labeled data; returns mean box/cls/dfl (and extra) losses."""
+    """One pass over labeled data; returns mean box/cls/dfl (and extra) losses.
+
+    Every batch is flipped at random; with ``scale`` it is also resized by a random factor in that
+    range (so the server's high-res labels also teach the clients' low resolution) and each image's
+    colours, sharpness and noise are jittered (``SERVER_PHOTOMETRIC``).
+    """
     train_mode(model, frozen_backbone)
     generator = torch.Generator().manual_seed(seed)
     sums = np.zeros(4)
     steps = 0
     for batch in loader:
         batch = random_hflip(to_float(batch, device), generator)
+        if scale is not None:
+            batch = scale_jitter(batch, generator, *scale)
+            img = batch["img"]
+            batch["img"] = torch.stack(
+                [photometric_image(img[i], generator, SERVER_PHOTOMETRIC) for i in range(len(img))]
+            )
         loss, items = model.loss(batch)
         total = loss.sum()
         extra = extra_loss(model) if extra_loss else None
