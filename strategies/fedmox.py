@@ -103,7 +103,10 @@ class FedMox(Strategy):
         return out
 
     def round_metrics(self, results: list[ClientResult], domains: dict[int, str]) -> dict[str, float]:
-        """Fraction of locations each client domain routed to each expert in this round."""
+        """Fraction of locations each client domain routed to each expert in this round, and how
+        specialised routing is: ``routing/mi_bits``, the mutual information between a location's
+        client domain and its expert (0: every domain routes alike; log2 of the number of domains:
+        each domain has experts of its own)."""
         k = self.params.num_experts
         per_domain: dict[str, np.ndarray] = {}
         for r in results:
@@ -113,4 +116,14 @@ class FedMox(Strategy):
         for domain, counts in per_domain.items():
             for e, c in enumerate(counts):
                 out[f"routing/{domain}/expert_{e}"] = float(c / max(counts.sum(), 1))
+        if per_domain:
+            out["routing/mi_bits"] = mutual_information(np.stack(list(per_domain.values())))
         return out
+
+
+def mutual_information(counts: np.ndarray) -> float:
+    """I(row; column) in bits of a contingency table of counts (rows: domains, columns: experts)."""
+    joint = counts / max(counts.sum(), 1)
+    rows, cols = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log2(joint[nz] / (rows @ cols)[nz])).sum())

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from fedsim.config import ExperimentConfig
 from fedsim.model.detector import build_detector, is_backbone_key, trainable_keys
@@ -98,3 +99,13 @@ def test_global_router_fails_early_with_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert "fedsim: run failed:" in result.stderr and "cannot change resolution" in result.stderr
     assert "expects a last-level feature map" in result.stderr
+
+
+def test_routing_mutual_information_against_hand_values():
+    from strategies.fedmox import mutual_information
+
+    assert mutual_information(np.array([[10.0, 10.0], [10.0, 10.0]])) == pytest.approx(0.0)
+    assert mutual_information(np.array([[10.0, 0.0], [0.0, 10.0]])) == pytest.approx(1.0)  # log2(2 domains)
+    # p = [[.4, .1], [.1, .4]]: I = 2 * (.4 log2(.4/.25) + .1 log2(.1/.25))
+    expected = 2 * (0.4 * np.log2(0.4 / 0.25) + 0.1 * np.log2(0.1 / 0.25))
+    assert mutual_information(np.array([[40.0, 10.0], [10.0, 40.0]])) == pytest.approx(expected)
