@@ -200,7 +200,9 @@ def unsupervised_epoch(
             loss, items = student.loss(batch)
         finally:
             criterion.bce = plain_bce
-        total = loss.sum() * unsup_weight
+        # Ultralytics returns the loss times the batch size; per image, an extra term's coefficient
+        # (FedProx mu, FedSTO's orthogonality, the MoE balance) means what it says.
+        total = loss.sum() / len(batch["img"]) * unsup_weight
         extra = extra_loss(student) if extra_loss else None
         if extra is not None:
             total = total + extra

@@ -171,7 +171,7 @@ def supervised_epoch(
                 [photometric_image(img[i], generator, SERVER_PHOTOMETRIC) for i in range(len(img))]
             )
         loss, items = model.loss(batch)
-        total = loss.sum()
+        total = loss.sum() / len(batch["img"])  # per image, as the extra term's coefficient assumes
         extra = extra_loss(model) if extra_loss else None
         if extra is not None:
             total = total + extra
