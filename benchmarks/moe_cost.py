@@ -41,11 +41,11 @@ def parse_wh(text: str, stride: int = 32) -> tuple[int, int]:
     return math.ceil(h / stride) * stride, math.ceil(w / stride) * stride
 
 
-def build(arch: str, head: str, experts: int, frozen: bool, device: str) -> nn.Module:
+def build(arch: str, head: str, experts: int, frozen: bool, device: str, expert_depth: int = 2) -> nn.Module:
     torch.manual_seed(0)
     model = build_detector(arch, NAMES)
     if head == "moe":
-        convert_to_moe(model, experts, init_noise=0.01)
+        convert_to_moe(model, experts, init_noise=0.01, expert_depth=expert_depth)
     if frozen:
         freeze_backbone(model)
     else:
@@ -115,7 +115,7 @@ def saved_activation_bytes(model: nn.Module, batch: dict) -> int:
 def case(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     hw = parse_wh(args.imgsz)
-    model = build(args.arch, args.case, args.experts, frozen=True, device=args.device)
+    model = build(args.arch, args.case, args.experts, frozen=True, device=args.device, expert_depth=args.expert_depth)
     opt = make_optimizer(model)
     batch = synthetic_batch(args.batch, hw, args.device)
     for _ in range(args.warmup):
@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--imgsz", default="320x192", help="width x height")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--expert-depth", type=int, default=2, choices=[1, 2], help="2: 3x3 conv + 1x1 per expert")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="fresh processes per case, alternating")
@@ -159,6 +160,7 @@ def main() -> None:
         return
 
     common = [f"--{k}={getattr(args, k)}" for k in ("arch", "imgsz", "batch", "experts", "steps", "warmup")]
+    common.append(f"--expert-depth={args.expert_depth}")
     common += [f"--threads={args.threads}", f"--device={args.device}"]
     runs: dict[str, list[dict]] = {"dense": [], "moe": []}
     for _ in range(args.repeats):
@@ -167,7 +169,10 @@ def main() -> None:
     best = {name: min(r["time_s"] for r in rs) for name, rs in runs.items()}
     mem = {name: rs[-1]["memory_b"] for name, rs in runs.items()}
     kind = "peak alloc rise, fwd+loss" if args.device.startswith("cuda") else "saved-for-backward"
-    print(f"{args.arch} batch {args.batch} imgsz {args.imgsz} frozen backbone, device {args.device}")
+    print(
+        f"{args.arch} batch {args.batch} imgsz {args.imgsz} frozen backbone, expert depth {args.expert_depth}, "
+        f"device {args.device}"
+    )
     print(f"{'head':<10}{'step time (best)':>18}{'median':>10}{'activation MiB (' + kind + ')':>40}")
     for name, rs in runs.items():
         med = statistics.median(r["median_s"] for r in rs)

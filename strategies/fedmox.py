@@ -2,7 +2,8 @@
 
 - ``build_model`` swaps the dense Detect head for ``MoEDetect`` (K experts, one 1x1 spatial router
   per level, top-1 per location; see ``fedsim/model/moe.py``), so one module serves the server's
-  high-res and the clients' low-res images.
+  high-res and the clients' low-res images. Each expert is the branch's last 3x3 conv and its 1x1
+  projection (``expert_depth: 2``, the default) or the projection alone (``1``).
 - ``aggregate`` is Soft-Mixture: ``w_mix = alpha * w_t + (1 - alpha) * FedAvg(clients)`` over every
   exchanged float tensor (neck, experts, routers); integer buffers are copied. alpha = 0 is FedAvg,
   alpha = 1 ignores the clients. The server's supervised epoch follows (base ``server_update``).
@@ -34,6 +35,8 @@ class FedMoxParams(BaseModel):
     init_noise: float = Field(0.01, ge=0.0)
     router: Literal["spatial", "global"] = "spatial"
     usage_weighting: bool = False
+    # 1: experts are the last 1x1 projections behind shared 3x3 stems; 2: the last 3x3 conv too.
+    expert_depth: int = Field(2, ge=1, le=2)
 
 
 def _expert_keys(state: State) -> list[str]:
@@ -47,7 +50,15 @@ class FedMox(Strategy):
     def build_model(self, model: nn.Module) -> nn.Module:
         p = self.params
         hw = (self.cfg.data.height, self.cfg.data.width)
-        convert_to_moe(model, p.num_experts, p.balance_coef, p.init_noise, router=p.router, input_hw=hw)
+        convert_to_moe(
+            model,
+            p.num_experts,
+            p.balance_coef,
+            p.init_noise,
+            router=p.router,
+            input_hw=hw,
+            expert_depth=p.expert_depth,
+        )
         freeze_backbone(model)
         return model
 

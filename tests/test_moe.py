@@ -294,3 +294,41 @@ def test_conversion_preserves_ultralytics_attributes():
     assert torch.equal(head.stride, stride)
     assert head.type == "fedsim.model.moe.MoEDetect"
     assert head.np == sum(p.numel() for p in head.parameters())
+
+
+def test_deep_experts_reproduce_dense_head_and_route_sparsely(monkeypatch):
+    """expert_depth=2: each expert is a 3x3 conv (BatchNorm folded) + 1x1; identical experts give the
+    dense head's output, and each location's patch is computed by one expert only."""
+    torch.manual_seed(0)
+    dense = build_detector("yolov8n.yaml", NAMES)
+    moe = convert_to_moe(copy.deepcopy(dense), K, init_noise=0.0, expert_depth=2)
+    dense.eval()
+    moe.eval()
+    x = _images(HW_SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x)[0], dense(x)[0], atol=1e-4, rtol=1e-4)
+
+    model = _model(init_noise=0.5, expert_depth=2)
+    head = model.model[-1]
+    assert isinstance(head, MoEDetect) and head.expert_depth == 2
+    rows = []
+    real_addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda b, m1, m2, *a, **kw: rows.append(m1.shape[0]) or real_addmm(b, m1, m2))
+    model.eval()
+    with torch.no_grad():
+        _, preds = model(_images(HW_LARGE))
+    monkeypatch.undo()
+    locations = 2 * sum(h * w for h, w in _locations(HW_LARGE))
+    assert sum(rows) == 4 * locations  # (3x3 + 1x1) x (box + cls), once per location
+    with torch.no_grad():  # a location's output is its chosen expert's, computed densely
+        feats, start = preds["feats"], 0
+        for i, index in enumerate(head.last_expert_index):
+            sb = head.cv2[i](feats[i])
+            n = index[0].numel()
+            got = preds["boxes"][:, :, start : start + n].reshape(2, -1, *index.shape[1:])
+            start += n
+            for k in range(K):
+                mask = (index == k)[:, None].expand_as(got)
+                if mask.any():
+                    want = head.box_experts[i].dense(sb, k)
+                    torch.testing.assert_close(got[mask], want[mask], atol=1e-4, rtol=1e-4)

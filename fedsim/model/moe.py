@@ -67,9 +67,61 @@ class PointwiseExperts(nn.Module):
         """Expert ``k`` applied at every location of ``x`` (B, C, H, W): the reference for tests."""
         return nn.functional.conv2d(x, self.weight[k][..., None, None], self.bias[k])
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """What one location contributes, ``(B*H*W, C)``: its own feature vector."""
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+    def apply(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.addmm(self.bias[k], rows, self.weight[k].t())
+
+
+class ConvExperts(nn.Module):
+    """K experts of ``3x3 conv (+ folded BatchNorm) -> SiLU -> 1x1 projection``, computed per location.
+
+    A 3x3 conv at one location reads its 3x3 neighbourhood, so each location's input row is its
+    unfolded patch ``(C * 9)``; a routed row costs exactly what the dense layer costs at that
+    location, and a location is computed by one expert only. The pretrained layer's BatchNorm is
+    folded into the conv (eval statistics) at conversion: statistics over only the rows an expert
+    receives would differ from expert to expert and from client to client.
+    """
+
+    def __init__(self, num_experts: int, c_in: int, c_hidden: int, c_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, c_hidden, c_in * 9))
+        self.bias = nn.Parameter(torch.zeros(num_experts, c_hidden))
+        nn.init.uniform_(self.weight, -1.0 / math.sqrt(c_in * 9), 1.0 / math.sqrt(c_in * 9))
+        self.proj = PointwiseExperts(num_experts, c_hidden, c_out)
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def dense(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        w = self.weight[k].view(self.weight.shape[1], x.shape[1], 3, 3)
+        return self.proj.dense(nn.functional.silu(nn.functional.conv2d(x, w, self.bias[k], padding=1)), k)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        patches = nn.functional.unfold(x, 3, padding=1)  # (B, C*9, H*W), channel-major like conv weights
+        return patches.movedim(1, -1).reshape(-1, patches.shape[1])
+
+    def apply(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        hidden = nn.functional.silu(torch.addmm(self.bias[k], rows, self.weight[k].t()))
+        return self.proj.apply(hidden, k)
+
+    @torch.no_grad()
+    def load_dense(self, conv: Conv, proj: nn.Conv2d) -> None:
+        """Every expert from a dense ``Conv`` (conv + BN + SiLU) and its 1x1 projection."""
+        bn = conv.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        w = conv.conv.weight * scale[:, None, None, None]
+        self.weight.copy_(w.reshape(w.shape[0], -1).expand_as(self.weight))
+        self.bias.copy_((bn.bias - bn.running_mean * scale).expand_as(self.bias))
+        self.proj.weight.copy_(proj.weight[:, :, 0, 0].expand_as(self.proj.weight))
+        self.proj.bias.copy_(proj.bias.expand_as(self.proj.bias))
+
 
 def _route_rows(
-    flats: list[torch.Tensor], experts: list[PointwiseExperts], index: torch.Tensor, num_experts: int
+    flats: list[torch.Tensor], experts: list[nn.Module], index: torch.Tensor, num_experts: int
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Apply expert ``index[n]`` to row ``n`` of each ``flats[j]`` (N, C_j), computing routed rows only."""
     order = torch.argsort(index)
@@ -82,13 +134,14 @@ def _route_rows(
         rows = order[start : start + n]
         start += n
         for j, (f, e) in enumerate(zip(flats, experts, strict=True)):
-            y = torch.addmm(e.bias[k], f.index_select(0, rows), e.weight[k].t())
+            y = e.apply(f.index_select(0, rows), k)
             if outs[j] is None:  # allocated from the first result so autocast's dtype is kept
                 outs[j] = y.new_empty(f.shape[0], y.shape[1])
             outs[j].index_copy_(0, rows, y)
     for j, (f, e) in enumerate(zip(flats, experts, strict=True)):
         if outs[j] is None:  # no rows at all
-            outs[j] = f.new_empty(0, e.weight.shape[1])
+            out_channels = (e.proj if isinstance(e, ConvExperts) else e).weight.shape[1]
+            outs[j] = f.new_empty(0, out_channels)
     return outs, sizes
 
 
@@ -107,14 +160,30 @@ class MoEDetect(Detect):
         num_experts: int = 4,
         balance_coef: float = 0.0,
         legacy: bool | None = None,
+        expert_depth: int = 1,
     ) -> None:
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if expert_depth not in (1, 2):
+            raise ValueError(f"expert_depth must be 1 (1x1 projection) or 2 (3x3 conv + 1x1), got {expert_depth}")
         super().__init__(nc=nc, reg_max=reg_max, end2end=False, ch=ch)
         self.legacy = Detect.legacy if legacy is None else legacy
+        if expert_depth == 2 and not self.legacy:
+            raise ValueError("expert_depth 2 supports YOLOv8-style heads (3x3 conv branches), not depthwise ones")
         self.num_experts = num_experts
+        self.expert_depth = expert_depth
         self.balance_coef = float(balance_coef)
         c2, c3 = max((16, ch[0] // 4, reg_max * 4)), max(ch[0], min(nc, 100))
+        if expert_depth == 2:
+            # Shared stems: each branch's first 3x3 conv; experts: its second 3x3 conv and the 1x1.
+            self.cv2 = nn.ModuleList(nn.Sequential(Conv(x, c2, 3)) for x in ch)
+            self.cv3 = nn.ModuleList(nn.Sequential(Conv(x, c3, 3)) for x in ch)
+            self.box_experts = nn.ModuleList(ConvExperts(num_experts, c2, c2, 4 * reg_max) for _ in ch)
+            self.cls_experts = nn.ModuleList(ConvExperts(num_experts, c3, c3, nc) for _ in ch)
+            self._build_routers(ch)
+            self.routing_counts = torch.zeros(num_experts, dtype=torch.long)
+            self._reset_transient()
+            return
         # Shared dense stems: Detect's branches without their last 1x1 conv.
         self.cv2 = nn.ModuleList(nn.Sequential(Conv(x, c2, 3), Conv(c2, c2, 3)) for x in ch)
         if self.legacy:
@@ -212,8 +281,9 @@ class MoEDetect(Detect):
             logits = logits_per_level[i].movedim(1, -1).reshape(-1, k)
             index = logits.argmax(dim=1)
             probs = logits.softmax(dim=1)
-            flats = [sb.movedim(1, -1).reshape(-1, sb.shape[1]), sc.movedim(1, -1).reshape(-1, sc.shape[1])]
-            (yb, yc), sizes = _route_rows(flats, [self.box_experts[i], self.cls_experts[i]], index, k)
+            experts = [self.box_experts[i], self.cls_experts[i]]
+            flats = [e.rows(stem) for e, stem in zip(experts, (sb, sc), strict=True)]
+            (yb, yc), sizes = _route_rows(flats, experts, index, k)
             gate = probs.gather(1, index[:, None])
             scale = gate / gate.detach()  # exactly 1.0 forward; carries the router gradient
             boxes.append((yb * scale).view(bs, h * w, -1).transpose(1, 2))
@@ -242,15 +312,23 @@ class MoEDetect(Detect):
     def bias_init(self) -> None:
         """Detect's bias prior applied to every expert (needs ``stride``)."""
         for i, (be, ce) in enumerate(zip(self.box_experts, self.cls_experts, strict=True)):
+            be, ce = getattr(be, "proj", be), getattr(ce, "proj", ce)
             be.bias.data[:] = 2.0
             ce.bias.data[:] = math.log(5 / self.nc / (640 / self.stride[i]) ** 2)
 
     # -------------------------------------------------------------------------------------- conversion
     @classmethod
     def from_dense(
-        cls, head: Detect, num_experts: int, balance_coef: float = 0.0, init_noise: float = 0.0, **kwargs
+        cls,
+        head: Detect,
+        num_experts: int,
+        balance_coef: float = 0.0,
+        init_noise: float = 0.0,
+        expert_depth: int = 1,
+        **kwargs,
     ) -> MoEDetect:
-        """A MoE head whose stems are ``head``'s and whose experts are copies of its 1x1 output convs."""
+        """A MoE head whose stems are ``head``'s and whose experts are copies of its last layers
+        (the 1x1 output convs; with ``expert_depth=2`` also the 3x3 conv before them)."""
         if type(head) is not Detect:
             raise ValueError(f"convert_to_moe supports a plain Detect head, got {type(head).__name__}")
         if getattr(head, "one2one_cv2", None) is not None:
@@ -259,7 +337,9 @@ class MoEDetect(Detect):
             raise ValueError("convert_to_moe needs an unfused Detect head")
         ch = [b[0].conv.in_channels for b in head.cv2]
         legacy = isinstance(head.cv3[0][0], Conv)
-        moe = cls(head.nc, head.reg_max, ch, num_experts, balance_coef, legacy=legacy, **kwargs)
+        moe = cls(
+            head.nc, head.reg_max, ch, num_experts, balance_coef, legacy=legacy, expert_depth=expert_depth, **kwargs
+        )
         ref = next(head.parameters())
         moe.to(device=ref.device, dtype=ref.dtype)
         # Ultralytics bookkeeping (f, i, type, np, stride, inplace, anchors, ...).
@@ -268,9 +348,21 @@ class MoEDetect(Detect):
                 setattr(moe, key, value)
         moe.type = f"{cls.__module__}.{cls.__name__}"
         moe.legacy = legacy
-        moe.cv2 = nn.ModuleList(branch[:2] for branch in head.cv2)
-        moe.cv3 = nn.ModuleList(branch[:2] for branch in head.cv3)
+        stem = 3 - expert_depth  # of each branch's three layers, the first ``stem`` stay shared
+        moe.cv2 = nn.ModuleList(branch[:stem] for branch in head.cv2)
+        moe.cv3 = nn.ModuleList(branch[:stem] for branch in head.cv3)
         moe.dfl = head.dfl  # the fixed DFL projection, frozen or not as the caller left it
+        if expert_depth == 2:
+            with torch.no_grad():
+                for experts, branches in ((moe.box_experts, head.cv2), (moe.cls_experts, head.cv3)):
+                    for e, branch in zip(experts, branches, strict=True):
+                        e.load_dense(branch[1], branch[2])
+                        if init_noise > 0:
+                            for w in (e.weight, e.proj.weight):
+                                w.add_(torch.randn_like(w) * (init_noise * float(w[0].std())))
+            moe.np = sum(p.numel() for p in moe.parameters())
+            moe.train(head.training)
+            return moe
         with torch.no_grad():
             for experts, branches in ((moe.box_experts, head.cv2), (moe.cls_experts, head.cv3)):
                 for e, branch in zip(experts, branches, strict=True):
@@ -301,12 +393,13 @@ class GlobalRouterMoEDetect(MoEDetect):
         legacy: bool | None = None,
         input_hw: tuple[int, int] = (640, 640),
         level_stride: float = 32.0,
+        expert_depth: int = 1,
     ) -> None:
         h, w = input_hw
         self.input_hw = (int(h), int(w))
         # Stride-2 convs with padding 1 give ceil(size / stride).
         self.feat_chw = (ch[-1], math.ceil(h / level_stride), math.ceil(w / level_stride))
-        super().__init__(nc, reg_max, ch, num_experts, balance_coef, legacy)
+        super().__init__(nc, reg_max, ch, num_experts, balance_coef, legacy, expert_depth)
 
     def _build_routers(self, ch: list[int] | tuple[int, ...]) -> None:
         self.routers = nn.ModuleList([nn.Linear(math.prod(self.feat_chw), self.num_experts)])
@@ -345,6 +438,7 @@ def convert_to_moe(
     router: str = "spatial",
     input_hw: tuple[int, int] | None = None,
     calibration: torch.Tensor | None = None,
+    expert_depth: int = 1,
 ) -> nn.Module:
     """Replace ``model.model[-1]`` (a ``Detect``) in place by a MoE head initialised from it.
 
@@ -356,13 +450,19 @@ def convert_to_moe(
     """
     head = model.model[-1]
     if router == "spatial":
-        moe = MoEDetect.from_dense(head, num_experts, balance_coef, init_noise)
+        moe = MoEDetect.from_dense(head, num_experts, balance_coef, init_noise, expert_depth=expert_depth)
     elif router == "global":
         if input_hw is None:
             raise ValueError("router='global' needs input_hw=(height, width)")
         stride = float(head.stride[-1]) if float(head.stride[-1]) > 0 else 32.0
         moe = GlobalRouterMoEDetect.from_dense(
-            head, num_experts, balance_coef, init_noise, input_hw=input_hw, level_stride=stride
+            head,
+            num_experts,
+            balance_coef,
+            init_noise,
+            expert_depth=expert_depth,
+            input_hw=input_hw,
+            level_stride=stride,
         )
     else:
         raise ValueError(f"router must be 'spatial' or 'global', got {router!r}")
