@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +100,8 @@ def cmd_table(args) -> int:
     run_all(todo, args.parallel or max(1, (os.cpu_count() or 2) // 2))
     domains = base.data.server_domains + base.data.client_domains
     table = build_table(uri, base.tracking.experiment, variants, domains, reference)
-    print(write_table(table, Path(args.out), domains, f"{Path(args.config).stem}, {args.seeds} seeds"))
+    command = "fedsim " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["table"] else None
+    print(write_table(table, Path(args.out), domains, f"{Path(args.config).stem}, {args.seeds} seeds", command))
     return 0
 
 
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="e.g. server_only,fedavg,fedmox; with params: 'fedavg;fedmox:alpha=0,num_experts=4' (then ; separates)",
     )
-    table.add_argument("--seeds", type=int, default=3)
+    table.add_argument("--seeds", type=int, default=5, help="seeds 0..n-1 per strategy (paired across rows)")
     table.add_argument("--out", required=True)
     table.add_argument("--parallel", type=int, default=None, help="simulations at once (default: cores / 2)")
     table.add_argument("--set", action="append", default=[])

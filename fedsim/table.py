@@ -129,6 +129,8 @@ def build_table(
             row[f"{name}_mean"] = values.mean() if len(values) else float("nan")
         commits = group["tags.git_commit"].dropna() if "tags.git_commit" in group else []
         row["commit"] = ",".join(sorted({str(c)[:7] for c in commits}))
+        weights = group["tags.weights"].dropna() if "tags.weights" in group else []
+        row["weights"] = ",".join(sorted({str(w) for w in weights}))
         scored = group[group["metrics.map50/total"].notna()]
         totals[label] = scored["metrics.map50/total"].astype(float).set_axis(scored["tags.seed"].astype(int)).to_dict()
         rows.append(row)
@@ -146,17 +148,20 @@ def build_table(
     return pd.DataFrame(rows)
 
 
-def write_table(table: pd.DataFrame, out: Path, domains: list[str], title: str) -> str:
+def write_table(table: pd.DataFrame, out: Path, domains: list[str], title: str, command: str | None = None) -> str:
+    """``table.csv`` and ``table.md`` under ``out``; the markdown names the command that made it, and
+    each row its runs' commits and starting weights (file name and content hash)."""
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)
     deltas = [c for c in table.columns if c.startswith("Δ total vs ")]
-    commit = ["commit"] if "commit" in table.columns else []
+    commit = [c for c in ("commit", "weights") if c in table.columns]
     shown = table[["strategy", *domains, "total", *deltas, "seeds", *commit]]
     header = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
     body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in shown.itertuples(index=False))
     note = "mAP@50, mean ± std over seeds (final round)"
     if deltas:
         note += "; Δ: paired difference in total mAP@50 over the seeds both rows ran, mean [95% Student-t CI]"
-    markdown = f"### {title}\n\n{note}\n\n{header}{body}"
+    made_by = f"Produced by `{command}`, from the MLflow records.\n\n" if command else ""
+    markdown = f"### {title}\n\n{made_by}{note}\n\n{header}{body}"
     (out / "table.md").write_text(markdown)
     return markdown
