@@ -100,11 +100,15 @@ def build_report(experiment: str, out_dir: Path, tracking_uri: str | None = None
     body = [
         f"<h1>fedsim: experiment {html.escape(experiment)}</h1>",
         f"<p class='meta'>{meta}</p>",
+        "<h2>mAP@50 per round, all strategies</h2>",
+        "<p class='meta'>The mean over each strategy's runs (its seeds) per round, shaded from the lowest "
+        "to the highest of them (min-max); n: its runs. Every run of each strategy: further down.</p>",
+        _img(plots.curves_overlay(curves), "mAP@50 per round, all strategies"),
         "<h2>Runs</h2>",
         "<p class='meta'>Final values (last logged round). peak memory: the largest client in that round; "
         "bytes_up: that round's uploads; bytes_up_total: all rounds.</p>",
         _table(table),
-        "<h2>mAP@50 per round</h2>",
+        "<h2>mAP@50 per round, per strategy</h2>",
         _img(plots.curves_by_strategy(curves), "mAP@50 per round"),
         "<h2>Final mAP@50 per domain</h2>",
         _img(plots.domain_bars(table, domains), "final mAP@50 per domain"),

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib import cm, colors  # noqa: E402
+from matplotlib import cm, colors, ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 STYLE = {"font.family": "DejaVu Sans", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3}
@@ -31,6 +31,42 @@ def _png(fig: Figure) -> bytes:
 
 def _label(value: object, fallback: str = "-") -> str:
     return fallback if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def band_by_round(curves: pd.DataFrame, key: str = "map50/total") -> pd.DataFrame:
+    """Per strategy and round, over its runs (seeds): ``mean``, ``low``/``high`` (min/max) and ``n`` runs.
+
+    Columns ``strategy, round, mean, low, high, n``, sorted by strategy then round; a strategy-less
+    run counts as strategy ``-``. A round only some runs reached averages those runs (``n`` says how many).
+    """
+    data = curves[curves["key"] == key]
+    columns = ["strategy", "round", "mean", "low", "high", "n"]
+    if data.empty:
+        return pd.DataFrame(columns=columns)
+    data = data.assign(strategy=data["strategy"].map(_label))
+    grouped = data.groupby(["strategy", "round"])["value"]
+    out = grouped.agg(mean="mean", low="min", high="max", n="count").reset_index()
+    return out[columns].sort_values(["strategy", "round"], ignore_index=True)
+
+
+def curves_overlay(curves: pd.DataFrame, key: str = "map50/total") -> bytes:
+    """Every strategy on one axis: the mean of its runs per round, shaded from the lowest to the highest run."""
+    band = band_by_round(curves, key)
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(7.5, 4.4))
+        ax = fig.subplots()
+        for strategy, rows in band.groupby("strategy", sort=True):
+            runs = int(rows["n"].max())
+            (line,) = ax.plot(rows["round"], rows["mean"], marker="o", ms=3, lw=1.5, label=f"{strategy} (n={runs})")
+            if runs > 1:
+                ax.fill_between(rows["round"], rows["low"], rows["high"], color=line.get_color(), alpha=0.2, lw=0)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} per round: mean over seeds, band = min-max over seeds")
+        if not band.empty:
+            ax.legend(fontsize=7, loc="best", title="strategy (runs)", title_fontsize=7)
+        return _png(fig)
 
 
 def curves_by_strategy(curves: pd.DataFrame, key: str = "map50/total") -> bytes:

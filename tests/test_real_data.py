@@ -185,18 +185,15 @@ def test_bdd100k_rejects_bad_arguments(bdd: tuple[Path, Path], tmp_path: Path) -
         convert_bdd100k(*bdd, tmp_path / "full")
 
 
-def test_bdd100k_output_loads_with_empty_frames_reported(bdd: tuple[Path, Path], tmp_path: Path) -> None:
+def test_bdd100k_output_loads_with_empty_frames_as_background(bdd: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     convert_bdd100k(*bdd, out)
     index = load_domain_index(out, num_classes=len(DEFAULT_CLASSES))
     assert index.images == {
-        "clear": [out / "clear" / "images" / "a.jpg"],
-        "partly_cloudy": [out / "partly_cloudy" / "images" / "b.jpg"],
+        "clear": [out / "clear" / "images" / "a.jpg", out / "clear" / "images" / "d.jpg"],
+        "partly_cloudy": [out / "partly_cloudy" / "images" / "b.jpg", out / "partly_cloudy" / "images" / "frame c.jpg"],
     }
-    assert sorted(index.problems) == [
-        (out / "clear" / "labels" / "d.txt", "empty label file"),
-        (out / "partly_cloudy" / "labels" / "frame c.txt", "empty label file"),
-    ]
+    assert index.problems == []
 
 
 @pytest.mark.parametrize(
@@ -359,31 +356,32 @@ def test_loader_subfolders_skip(yolo_root: Path) -> None:
     clear, rainy = yolo_root / "clear", yolo_root / "rainy"
 
     assert index.images == {
-        "clear": [clear / "images" / "ok1.jpg", clear / "images" / "ok2.jpg"],
+        "clear": [clear / "images" / "empty.jpg", clear / "images" / "ok1.jpg", clear / "images" / "ok2.jpg"],
         "rainy": [rainy / "images" / "r1.png"],
     }
     assert set(index.splits.values()) == {"any"}
     problems = dict(index.problems)
-    assert len(index.problems) == 6
+    assert len(index.problems) == 5
     assert problems[clear / "labels" / "badline.txt"].startswith("line 2: malformed line '0 0.5 0.5 0.1'")
     assert problems[clear / "labels" / "badline.txt"].endswith("(and 1 more bad lines)")
     assert problems[clear / "labels" / "badcls.txt"] == "line 1: class id 7 out of range [0, 5)"
     assert problems[clear / "labels" / "badbox.txt"].startswith("line 1: box out of range (1.5 0.5 0.2 0.2)")
-    assert problems[clear / "labels" / "empty.txt"] == "empty label file"
+    assert clear / "labels" / "empty.txt" not in problems  # a background image
     assert problems[clear / "labels" / "nolabel.txt"] == "missing label file"
     assert problems[clear / "images" / "corrupt.jpg"].startswith("unreadable image")
     summary = index.summary()
-    assert "2 domains, 3 images, 6 problems" in summary
-    assert "clear: 2 images" in summary
+    assert "2 domains, 4 images, 5 problems" in summary
+    assert "clear: 3 images" in summary
 
 
 def test_loader_fail_names_paths(yolo_root: Path) -> None:
     with pytest.raises(DataError) as err:
         load_domain_index(yolo_root, num_classes=5, on_bad="fail")
     message = str(err.value)
-    assert message.startswith("6 problems in 6 files")
-    for name in ("badline.txt", "badcls.txt", "badbox.txt", "empty.txt", "nolabel.txt", "corrupt.jpg"):
+    assert message.startswith("5 problems in 5 files")
+    for name in ("badline.txt", "badcls.txt", "badbox.txt", "nolabel.txt", "corrupt.jpg"):
         assert name in message
+    assert "empty.txt" not in message
 
 
 def test_loader_fail_lists_at_most_20(tmp_path: Path) -> None:

@@ -56,8 +56,8 @@ def convert_bdd100k(
     Boxes are clipped to the image; boxes with no area after clipping are dropped and
     counted. Frames whose image file is missing are skipped and listed. Frames left with no
     box are still written, with an empty label file, and counted in
-    ``frames_without_boxes``: they are real negatives, but :func:`load_domain_index` reports
-    them as "empty label file" so that the caller decides whether to train on them.
+    ``frames_without_boxes``: they are real negatives, and :func:`load_domain_index` indexes
+    them as background images.
     ``out_dir`` must not exist or be empty. A label file that is unreadable, not JSON or not
     shaped like BDD100K frames raises :class:`ConversionError` before anything is written.
     """

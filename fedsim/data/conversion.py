@@ -388,7 +388,7 @@ def _finish(out_dir: Path, report: ConversionReport) -> None:
     if report.frames_without_boxes:
         report.notes.append(
             f"note: {report.frames_without_boxes} frames have no kept boxes; their label files are empty "
-            "and load_domain_index reports them as 'empty label file'"
+            "and load_domain_index indexes them as background images (no objects)"
         )
     write_classes(out_dir, report.classes)
     write_report(out_dir, report)

@@ -4,9 +4,10 @@ Each format module offers three functions:
 
 - ``config_problems(data) -> list[str]``: what is wrong with ``data`` for this format, as config
   error lines (``data.root`` missing, unknown domains, ...);
-- ``available_images(data) -> dict[str, int]``: images per domain, without writing anything
-  (``fedsim check`` compares them with the split the config asks for; the index and label
-  checks of a real data set run here, so bad files are named before Ray starts);
+- ``available_images(data) -> dict[str, int | dict[str, int]]``: images per domain (or per domain
+  and manifest split ``train``/``test``/``any``), without writing anything (``fedsim check``
+  compares them with the split the config asks for; the index and label checks of a real data
+  set run here, so bad files are named before Ray starts);
 - ``prepare(data, num_clients, cache_root, echo) -> Partition``: build (or find cached) the split.
 
 Add a format with one file and one line in ``FORMATS``.
@@ -34,7 +35,7 @@ def format_module(name: str) -> ModuleType:
     return importlib.import_module(FORMATS[name])
 
 
-def available_images(data: DataConfig) -> dict[str, int]:
+def available_images(data: DataConfig) -> dict[str, int | dict[str, int]]:
     return format_module(data.format).available_images(data)
 
 

@@ -9,7 +9,12 @@ Layout written (once, cached by a hash of source and split parameters)::
     clients/client_000/images         one client domain, resized by client_scale, no labels
     client_labels/client_000/labels   the clients' true labels, for the oracle upper bound only
     test/<domain>/{images,labels}     server domains at full, client domains at client resolution
+    test_hi/<domain>/{images,labels}  client domains' test images again, at full resolution
     partition.json                    what is where (read by everything else)
+
+A domain's test set is a random draw of ``data.test_images`` of its images, unless a manifest
+marks some of them ``test``: then it is those (at most ``data.test_images`` of them, when that
+names a size for the domain). Images marked ``train`` are never tested on; ``any`` go either way.
 """
 
 from __future__ import annotations
@@ -18,15 +23,25 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
+from PIL import Image, ImageOps
 
 from fedsim.config import DataConfig
 from fedsim.data.yolo_folder import DataError
+
+# Part of the cache key: a partition written by an older layout is rebuilt, not misread.
+# 2: test_hi/, manifest test splits, per-domain test sizes.
+LAYOUT_VERSION = 2
+SPLIT_NAMES = ("train", "test", "any")
+# Encoder options by suffix: OpenCV warns once per image about an option its encoder ignores.
+_WRITE_PARAMS = {".jpg": [cv2.IMWRITE_JPEG_QUALITY, 92], ".jpeg": [cv2.IMWRITE_JPEG_QUALITY, 92]}
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,8 @@ class Partition:
     client_imgsz: int
     clients: list[ClientShard]
     test: dict[str, tuple[Path, int]]  # domain -> (images dir, imgsz)
+    # client domain -> (images dir, imgsz): the same test images as ``test``, at full resolution
+    test_hi: dict[str, tuple[Path, int]] = field(default_factory=dict)
 
     def labeled_client_view(self, client_id: int) -> Path:
         """A client's images with their true labels, for the oracle baseline only."""
@@ -62,6 +79,7 @@ class Partition:
             client_imgsz=meta["client_imgsz"],
             clients=[ClientShard(c["id"], c["domain"], root / c["images"], c["n"]) for c in meta["clients"]],
             test={d: (root / t["images"], t["imgsz"]) for d, t in meta["test"].items()},
+            test_hi={d: (root / t["images"], t["imgsz"]) for d, t in meta.get("test_hi", {}).items()},
         )
 
 
@@ -101,23 +119,53 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def _long_side(src: Path) -> int:
+    """The longer side of an image, from its header alone."""
+    try:
+        with Image.open(src) as img:
+            return max(img.size)
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise DataError(f"cannot read image {src}: {exc}") from exc
+
+
+def _read_bgr(src: Path) -> np.ndarray:
+    """An image as 8-bit BGR, as ``cv2.imread`` gives it."""
+    if src.suffix.lower() != ".png":
+        img = cv2.imread(str(src))
+        if img is None:
+            raise DataError(f"cannot read image {src}")
+        return img
+    # OpenCV's libpng prints a warning per file for ancillary chunks it dislikes (an iCCP colour
+    # profile, say); PIL decodes the same pixels silently.
+    try:
+        with Image.open(src) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: keep the high byte, as OpenCV does
+                grey = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.ascontiguousarray(np.asarray(img.convert("RGB"))[..., ::-1])
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise DataError(f"cannot read image {src}: {exc}") from exc
+
+
 def _place(images: list[Path], out: Path, scale: float, labels_out: Path | None) -> tuple[int, int]:
-    """Copy (scale 1) or resize images into ``out/images``; labels (resolution-free) alongside."""
+    """Link (scale 1) or resize images into ``out/images``; labels (resolution-free) alongside."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     if labels_out is not None:
         labels_out.mkdir(parents=True, exist_ok=True)
     long_side = 0
     for src in images:
         dst = out / "images" / src.name
-        img = cv2.imread(str(src))
-        if img is None:
-            raise DataError(f"cannot read image {src}")
-        h, w = round(img.shape[0] * scale), round(img.shape[1] * scale)
         if scale == 1.0:
             _link_or_copy(src, dst)
+            long_side = max(long_side, _long_side(src))
         else:
-            cv2.imwrite(str(dst), cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA), [cv2.IMWRITE_JPEG_QUALITY, 92])
-        long_side = max(long_side, h, w)
+            img = _read_bgr(src)
+            h, w = round(img.shape[0] * scale), round(img.shape[1] * scale)
+            small = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+            if not cv2.imwrite(str(dst), small, _WRITE_PARAMS.get(dst.suffix.lower(), [])):
+                raise DataError(f"cannot write image {dst}")
+            long_side = max(long_side, h, w)
         if labels_out is not None:
             _link_or_copy(label_path(src), labels_out / (src.stem + ".txt"))
     return len(images), long_side
@@ -135,21 +183,53 @@ def clients_of_domain(client_domains: list[str], num_clients: int) -> dict[str, 
     return out
 
 
-def split_problems(available: dict[str, int], data: DataConfig, num_clients: int) -> list[str]:
-    """Why a data set with ``available`` images per domain cannot be split as asked (empty if it can)."""
-    server_domains, client_domains = data.server_domains, data.client_domains
-    server_images, client_images, test_images = data.server_images, data.client_images, data.test_images
+def domain_test_size(data: DataConfig, domain: str) -> int | None:
+    """Test images ``data.test_images`` asks of ``domain`` (None: a mapping that does not name it)."""
+    sizes = data.test_images
+    return sizes if isinstance(sizes, int) else sizes.get(domain)
+
+
+def split_counts(available: int | Mapping[str, int]) -> dict[str, int]:
+    """A domain's images per manifest split (``train``/``test``/``any``); a plain count is all ``any``."""
+    if isinstance(available, int):
+        return {"train": 0, "test": 0, "any": available}
+    return {s: int(available.get(s, 0)) for s in SPLIT_NAMES}
+
+
+def split_problems(available: Mapping[str, int | Mapping[str, int]], data: DataConfig, num_clients: int) -> list[str]:
+    """Why a data set with ``available`` images per domain cannot be split as asked (empty if it can).
+
+    ``available[domain]`` is an image count, or a mapping manifest split -> count (``split_counts``).
+    """
+    server_domains, client_domains, client_images = data.server_domains, data.client_domains, data.client_images
     missing = [d for d in dict.fromkeys(server_domains + client_domains) if d not in available]
     if missing:
         return [f"domain(s) {missing} not in the data set; it has {sorted(available)}"]
     problems = []
-    per_server_domain = -(-server_images // len(set(server_domains)))
+    per_server_domain = -(-data.server_images // len(set(server_domains)))
     for d in dict.fromkeys(server_domains + client_domains):
-        need = test_images + (per_server_domain if d in server_domains else client_images)
-        if available[d] < need:
+        counts, n_test = split_counts(available[d]), domain_test_size(data, d)
+        role, train_need = ("server", per_server_domain) if d in server_domains else ("clients", client_images)
+        if counts["test"]:
+            if counts["train"] + counts["any"] < train_need:
+                problems.append(
+                    f"domain {d!r} has {counts['train'] + counts['any']} images outside its manifest test split, "
+                    f"the {role} need {train_need}"
+                )
+        elif n_test is None:
             problems.append(
-                f"domain {d!r} has {available[d]} images, the split needs {need} "
-                f"({test_images} test + the rest for {'server' if d in server_domains else 'clients'})"
+                f"domain {d!r}: data.test_images names no test size for it "
+                "and the manifest marks none of its images 'test'"
+            )
+        elif sum(counts.values()) < n_test + train_need:
+            problems.append(
+                f"domain {d!r} has {sum(counts.values())} images, the split needs {n_test + train_need} "
+                f"({n_test} test + the rest for {role})"
+            )
+        elif counts["any"] < n_test:
+            problems.append(
+                f"domain {d!r} has {counts['any']} images of split 'any' for its {n_test} test images "
+                "(images of split 'train' are never tested on)"
             )
     for d, ids in clients_of_domain(client_domains, num_clients).items():
         if len(ids) > client_images:
@@ -160,21 +240,42 @@ def split_problems(available: dict[str, int], data: DataConfig, num_clients: int
     return problems
 
 
+def _split_test(shuffled: list[Path], splits: Mapping[Path, str], n_test: int | None) -> tuple[list[Path], list[Path]]:
+    """(test images, images left to train on) of one domain, both in ``shuffled`` order."""
+    marked = [p for p in shuffled if splits.get(p) == "test"]
+    if marked:
+        return marked[:n_test], [p for p in shuffled if splits.get(p) != "test"]
+    test = [p for p in shuffled if splits.get(p, "any") == "any"][:n_test]
+    chosen = set(test)
+    return test, [p for p in shuffled if p not in chosen]
+
+
 def build_partition(
-    domain_images: dict[str, list[Path]], data: DataConfig, num_clients: int, out_root: Path, source_key: str
+    domain_images: dict[str, list[Path]],
+    data: DataConfig,
+    num_clients: int,
+    out_root: Path,
+    source_key: str,
+    splits: Mapping[Path, str] | None = None,
 ) -> Partition:
-    """Split ``domain_images`` as ``data`` asks, under ``out_root`` (cached by source and split)."""
+    """Split ``domain_images`` as ``data`` asks, under ``out_root`` (cached by source and split).
+
+    ``splits`` maps images to their manifest split (absent: ``any``); ``source_key`` must change
+    whenever the images, their domains or their splits do.
+    """
     names, server_domains, client_domains = data.classes, data.server_domains, data.client_domains
-    server_images, client_images, test_images = data.server_images, data.client_images, data.test_images
+    server_images, client_images = data.server_images, data.client_images
     client_scale, seed = data.client_scale, data.seed
+    splits = splits or {}
     params = dict(
+        layout=LAYOUT_VERSION,
         source=source_key,
         server=server_domains,
         clients=client_domains,
         n=num_clients,
         ns=server_images,
         nc=client_images,
-        nt=test_images,
+        nt=data.test_images,
         scale=client_scale,
         seed=seed,
         names=names,
@@ -184,29 +285,30 @@ def build_partition(
     if (root / "partition.json").exists():
         return Partition.load(root)
 
-    problems = split_problems({d: len(v) for d, v in domain_images.items()}, data, num_clients)
+    available = {d: dict(Counter(splits.get(p, "any") for p in v)) for d, v in domain_images.items()}
+    problems = split_problems(available, data, num_clients)
     if problems:
         raise DataError("; ".join(problems))
     rng = np.random.default_rng(seed)
     server_domains, client_list = list(dict.fromkeys(server_domains)), client_domains
     client_domains = list(dict.fromkeys(client_domains))  # a domain listed twice gets twice the clients
-    pools = {
-        d: [domain_images[d][i] for i in rng.permutation(len(domain_images[d]))]
-        for d in server_domains + client_domains
-    }
+    tests, pools = {}, {}
+    for d in server_domains + client_domains:
+        shuffled = [domain_images[d][i] for i in rng.permutation(len(domain_images[d]))]
+        tests[d], pools[d] = _split_test(shuffled, splits, domain_test_size(data, d))
     per_server_domain = -(-server_images // len(server_domains))
 
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    meta: dict = {"names": names, "params": params, "clients": [], "test": {}}
-    server_pick = [img for d in server_domains for img in pools[d][test_images : test_images + per_server_domain]]
+    meta: dict = {"names": names, "params": params, "clients": [], "test": {}, "test_hi": {}}
+    server_pick = [img for d in server_domains for img in pools[d][:per_server_domain]]
     _, server_long = _place(server_pick[:server_images], tmp / "server", 1.0, tmp / "server" / "labels")
     meta["server_imgsz"] = _round32(server_long)
 
     client_long = 0
     members = clients_of_domain(client_list, num_clients)
     for d, ids in members.items():
-        pool = pools[d][test_images : test_images + client_images]
+        pool = pools[d][:client_images]
         for shard_i, cid in enumerate(ids):
             shard = pool[shard_i :: len(ids)] if ids else []
             name = f"client_{cid:03d}"
@@ -219,8 +321,14 @@ def build_partition(
     for d in server_domains + client_domains:
         scale = 1.0 if d in server_domains else client_scale
         out = tmp / "test" / d
-        _, long_side = _place(pools[d][:test_images], out, scale, out / "labels")
+        _, long_side = _place(tests[d], out, scale, out / "labels")
         meta["test"][d] = {"images": f"test/{d}/images", "imgsz": _round32(long_side)}
+    for d in client_domains:
+        if d in server_domains:  # its test set is at full resolution already
+            continue
+        out = tmp / "test_hi" / d
+        _, long_side = _place(tests[d], out, 1.0, out / "labels")
+        meta["test_hi"][d] = {"images": f"test_hi/{d}/images", "imgsz": _round32(long_side)}
 
     (tmp / "partition.json").write_text(json.dumps(meta, indent=1))
     if root.exists():
@@ -241,5 +349,6 @@ def write_data_yaml(root: Path, meta: dict) -> None:
         "names": dict(enumerate(meta["names"])),
         "clients": {c["id"]: {"domain": c["domain"], "images": c["images"]} for c in meta["clients"]},
         "test_domains": {d: t["images"] for d, t in meta["test"].items()},
+        "test_hi_domains": {d: t["images"] for d, t in meta.get("test_hi", {}).items()},
     }
     (root / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -6,14 +6,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedsim.config import DataConfig
-from fedsim.data.partition import Partition, build_partition
+from fedsim.data.partition import Partition, build_partition, domain_test_size
 from fedsim.data.synthetic import DOMAINS, SynthSpec, generate
 
 
 def _counts(data: DataConfig) -> dict[str, int]:
+    # A domain without a test size gets none here; split_problems then says so.
     per_server = -(-data.server_images // len(data.server_domains))
-    counts = {d: data.test_images + per_server for d in data.server_domains}
-    counts.update({d: data.test_images + data.client_images for d in data.client_domains})
+    counts = {d: (domain_test_size(data, d) or 0) + per_server for d in data.server_domains}
+    counts.update({d: (domain_test_size(data, d) or 0) + data.client_images for d in data.client_domains})
     return counts
 
 

@@ -8,8 +8,9 @@ Two ways to say which domain an image belongs to:
   absolute, split one of ``train``/``test``/``any``); labels follow the Ultralytics
   convention, see :func:`label_path_for`.
 
-Every image is checked (readable image, label file present and non-empty, every line five
-numbers with a class in range and a box inside [0, 1]); a bad image is never indexed.
+Every image is checked (readable image, label file present, every line five numbers with a
+class in range and a box inside [0, 1]); a bad image is never indexed. An empty label file is
+a background image (a frame with no object, as BDD100K has), indexed like any other.
 """
 
 from __future__ import annotations
@@ -146,8 +147,6 @@ def _label_problem(label: Path, num_classes: int) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         return f"unreadable label file: {exc}"
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    if not lines:
-        return "empty label file"
     bad = [(n, reason) for n, line in lines if (reason := _line_problem(line, num_classes))]
     if not bad:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,21 +21,29 @@ def index(data: DataConfig) -> DomainIndex:
     return load_domain_index(data.root, manifest=data.manifest, num_classes=len(data.classes), on_bad=data.on_bad)
 
 
-def available_images(data: DataConfig) -> dict[str, int]:
-    return {d: len(paths) for d, paths in index(data).images.items()}
+def available_images(data: DataConfig) -> dict[str, dict[str, int]]:
+    """Images per domain and manifest split (``train``/``test``/``any``), as ``split_problems`` reads them."""
+    found = index(data)
+    return {d: dict(Counter(found.splits.get(p, "any") for p in paths)) for d, paths in found.images.items()}
 
 
 def prepare(data: DataConfig, num_clients: int, cache_root: Path, echo: Callable[[str], None] = print) -> Partition:
     found = index(data)
     if found.problems:
         echo(f"data: skipped {len(found.problems)} image(s) with problems:\n{found.summary()}")
-    # The cache key follows the files themselves, so an edited data set is split anew.
-    files = sorted(p for images in found.images.values() for p in images)
-    fingerprint = hashlib.sha1("".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
+    # The cache key follows the files themselves and where the manifest puts them (domain, split),
+    # so an edited data set or manifest is split anew.
+    files = sorted((p, d) for d, images in found.images.items() for p in images)
+    fingerprint = hashlib.sha1(
+        "".join(
+            f"{p}:{d}:{found.splits.get(p, 'any')}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p, d in files
+        ).encode()
+    )
     return build_partition(
         found.images,
         data,
         num_clients,
         cache_root,
         source_key=f"yolo:{Path(data.root).resolve()}:{fingerprint.hexdigest()[:12]}",
+        splits=found.splits,
     )

@@ -43,6 +43,12 @@ class ServerTrainer:
             d: make_loader(build_dataset(path, imgsz, names, cfg.train.eval_batch), cfg.train.eval_batch, False, 0)
             for d, (path, imgsz) in partition.test.items()
         }
+        # The client domains' test images again at full resolution (map50_hi/...), apart from
+        # test_loaders, whose first batches strategies may initialise from (samples()).
+        self.test_hi_loaders = {
+            d: make_loader(build_dataset(path, imgsz, names, cfg.train.eval_batch), cfg.train.eval_batch, False, 0)
+            for d, (path, imgsz) in partition.test_hi.items()
+        }
 
     def dataset(self, plan: ServerPlan):
         """The labeled images a plan trains on (the clients' true labels only for the oracle)."""
@@ -104,4 +110,4 @@ class ServerTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.test_loaders)
+        return evaluate(self.model, self.test_loaders, self.test_hi_loaders)
