@@ -50,16 +50,30 @@ class DataConfig(Section):
     client_domains: list[str] = Field(default_factory=lambda: ["overcast", "rainy", "snowy"])
     server_images: int = Field(200, gt=0)  # labeled, high resolution
     client_images: int = Field(200, gt=0)  # unlabeled, per client domain, shared by that domain's clients
-    test_images: int = Field(50, gt=0)  # labeled, per domain
+    # Labeled test images per domain, or a mapping domain -> count. A manifest's `test` images are
+    # the domain's test set (at most this many; a domain the mapping leaves out keeps them all).
+    test_images: int | dict[str, int] = 50
     width: int = Field(320, ge=32)  # server (high) resolution of generated images
     height: int = Field(192, ge=32)
     client_scale: float = Field(0.5, gt=0, le=1)  # client resolution = server resolution * this
     seed: int = 0  # data seed: runs with different run seeds share one data set
 
+    @field_validator("test_images", mode="before")
+    @classmethod
+    def _test_sizes(cls, v: Any) -> Any:
+        sizes = v.values() if isinstance(v, dict) else [v]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+            raise ValueError(f"must be a positive integer or a mapping domain -> positive integer, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _domains(self) -> DataConfig:
         if not self.server_domains or not self.client_domains:
             raise ValueError("needs at least one server domain and one client domain")
+        if isinstance(self.test_images, dict):
+            unknown = sorted(set(self.test_images) - set(self.server_domains + self.client_domains))
+            if unknown:
+                raise ValueError(f"test_images names domain(s) {unknown} that are neither server nor client domains")
         return self
 
 
@@ -211,6 +225,9 @@ class TrainConfig(Section):
     conf_thres: float = Field(0.4, gt=0, lt=1)  # pseudo-label confidence threshold (FedSTO's tau2)
     ignore_thres: float | None = Field(0.1, ge=0, lt=1)  # scores in [this, conf_thres): no class loss (tau1)
     nms_iou: float = Field(0.65, gt=0, lt=1)
+    # Client objective: unsup_weight * (pseudo-label loss per image) + the method's extra terms
+    # (FedProx, FedSTO, MoE balance) at their nominal coefficients. AdamW is invariant to the scale
+    # of the whole objective, so this weight only matters against those terms.
     unsup_weight: float = Field(1.0, gt=0)
     client_bn_stats: Literal["frozen", "train"] = "frozen"  # clients keep the received BatchNorm statistics
     # The student learns a strong view (random scale in strong_scale, shift, flip, colour, blur, noise,

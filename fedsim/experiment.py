@@ -117,13 +117,15 @@ def new_run_dir(cfg: ExperimentConfig, resume: bool, echo: Echo = print) -> Path
 
 
 def format_round(rec: dict, domains: list[str], rounds: int) -> str:
-    """One console line per round: mAP@50 per domain, total, client fates, seconds."""
+    """One console line per round: mAP@50 per domain, total, client fates, privacy spent, seconds."""
     maps = "  ".join(f"{d} {rec.get(f'map50/{d}', float('nan')):.3f}" for d in domains)
     label = "warm-up" if rec["round"] == 0 else f"round {rec['round']}/{rounds}"
     extra = f"  clients {int(rec['clients/ok'])} ok" if "clients/ok" in rec else ""
     for fate in ("failed", "stragglers"):
         if rec.get(f"clients/{fate}"):
             extra += f" {int(rec[f'clients/{fate}'])} {fate}"
+    if "privacy/epsilon" in rec:
+        extra += f"  epsilon {rec['privacy/epsilon']:.3g}"
     return f"{label:<12} mAP@50 {maps}  total {rec['map50/total']:.3f}{extra}  {rec['round_seconds']:.1f}s"
 
 

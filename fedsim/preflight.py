@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from fedsim import privacy
 from fedsim.config import (
     ConfigError,
     ExperimentConfig,
@@ -57,6 +58,8 @@ def _cross_problems(cfg: ExperimentConfig) -> list[str]:
         problems.append(f"data.format: unknown format {d.format!r}; valid: {', '.join(sorted(FORMATS))}")
     else:
         problems += format_module(d.format).config_problems(d)
+    if cfg.strategy.name in STRATEGIES:
+        problems += privacy.config_problems(cfg, get(cfg.strategy.name).uses_clients)
     known = known_profiles(cfg.clients.profiles)
     unknown = [n for n in cfg.clients.profile_names if n not in known]
     if unknown:
@@ -188,12 +191,29 @@ def _check_profiles(cfg: ExperimentConfig, report: CheckReport) -> None:
     )
 
 
+def _summarise_uplink(cfg: ExperimentConfig, report: CheckReport) -> None:
+    c, p = cfg.compression, cfg.privacy
+    if c.uplink != "none":
+        how = {"int8": f"per {c.int8_granularity}", "topk": f"fraction {c.topk_fraction}, error feedback"}
+        report.summary.append(f"compression: uplink {c.uplink} {how.get(c.uplink, '')}".rstrip())
+    if cfg.model.client_backbone != "fp32":
+        report.summary.append(f"model.client_backbone: {cfg.model.client_backbone} on client actors")
+    if privacy.enabled(p):
+        q = privacy.sampling_rate(cfg.clients.per_round, cfg.clients.num_clients)
+        eps = privacy.epsilon(q, p.noise_multiplier, cfg.rounds, p.delta, p.accountant)
+        report.summary.append(
+            f"privacy: clip {p.clip_norm}, noise multiplier {p.noise_multiplier}, q {q:.3g}: "
+            f"epsilon {eps:.3g} at delta {p.delta:g} after {cfg.rounds} rounds ({p.accountant})"
+        )
+
+
 def check(cfg: ExperimentConfig) -> CheckReport:
     """What would stop ``cfg`` from running, without starting Ray or writing anything."""
     report = CheckReport(summary=[f"config: {cfg.name}, {cfg.strategy.name}, {cfg.rounds} rounds, seed {cfg.seed}"])
     _check_data(cfg, report)
     _check_weights(cfg, report)
     _check_profiles(cfg, report)
+    _summarise_uplink(cfg, report)
     return report
 
 

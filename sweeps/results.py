@@ -14,10 +14,12 @@ from typing import Any
 import pandas as pd
 
 _TRIAL_DIR = re.compile(r"trial_(\w+)$")
+EPSILON = "privacy/epsilon"  # kept beside the objectives whenever trials report it (DP runs)
 
 
 def trial_table(grid: Any, params: list[str], metrics: list[str], max_rounds: int) -> pd.DataFrame:
-    """One row per trial of a Tune ``ResultGrid``: id, status, rounds, params, objectives."""
+    """One row per trial of a Tune ``ResultGrid``: id, status, rounds, params, objectives (and the
+    privacy spent, ``privacy/epsilon``, when trials report it)."""
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -28,6 +30,8 @@ def trial_table(grid: Any, params: list[str], metrics: list[str], max_rounds: in
         row: dict[str, Any] = {"trial_id": trial_id, "status": status, "rounds": rounds}
         row.update({p: result.config.get(p) for p in params})
         row.update({k: m.get(k) for k in metrics})
+        if EPSILON in m and EPSILON not in metrics:
+            row[EPSILON] = m[EPSILON]
         rows.append(row)
     return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
 
@@ -65,3 +69,9 @@ def best_trial(table: pd.DataFrame, metrics: list[str], modes: list[str]) -> dic
         pool = pool[pool["status"] == "COMPLETED"]
     ordered = pool.sort_values(metrics[0], ascending=modes[0] == "min", kind="stable")
     return ordered.iloc[0].to_dict()
+
+
+def spent_epsilon(best: dict[str, Any]) -> float | None:
+    """The privacy a trial spent by its last report, if it ran with DP noise."""
+    value = best.get(EPSILON)
+    return None if value is None or pd.isna(value) else float(value)

@@ -43,7 +43,7 @@ from fedsim.tracking import resolve_uri
 from sweeps import cluster
 from sweeps.config import Sweep, SweepConfigError, load_sweep
 from sweeps.parent import close_children, open_parent, record_best
-from sweeps.results import best_trial, pareto_front, trial_table
+from sweeps.results import best_trial, pareto_front, spent_epsilon, trial_table
 from sweeps.trainable import TrialResources, TrialSetup, run_trial, trial_bundles
 
 
@@ -130,6 +130,9 @@ def write_best_config(sweep: Sweep, best: dict[str, Any], uri: str) -> Path:
     cfg.tracking.experiment = sweep.experiment
     cfg.tracking.uri = uri
     objectives = ", ".join(f"{m}={best.get(m)}" for m in sweep.metrics)
+    eps = spent_epsilon(best)
+    if eps is not None and "privacy/epsilon" not in sweep.metrics:
+        objectives += f"; privacy/epsilon={eps:.4g} at delta {cfg.privacy.delta:g}"
     header = (
         f"# Best trial {best['trial_id']} of sweep {sweep.name} ({sweep.path}): {objectives}\n"
         f"# Run it with: fedsim run {sweep.storage / 'best_config.yaml'}\n"
@@ -187,6 +190,9 @@ def run_sweep(sweep_path: Path, resume: bool = False) -> SweepResult:
             best_config = write_best_config(sweep, best, uri)
             record_best(parent, best, runs.get(best["trial_id"]), list(sweep.space), sweep.rounds)
             print(f"\nbest trial {best['trial_id']}: " + ", ".join(f"{m}={best[m]}" for m in sweep.metrics), flush=True)
+            eps = spent_epsilon(best)
+            if eps is not None:
+                print(f"best trial privacy/epsilon: {eps:.4g} (DP run; delta as in its config)", flush=True)
             print(f"best config: {best_config}", flush=True)
         counts = trials["status"].value_counts()
         parent.log_metrics(

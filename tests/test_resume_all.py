@@ -4,7 +4,7 @@ Each registered strategy runs twice in-process on one private local Ray cluster:
 and stopped after round 1 then resumed from its checkpoint. The configs exercise what used to be
 lost on resume: FedMox's balance loss (``balance_coef > 0``), FedSTO across its phase boundary
 (phase 1 is round 1, the resumed rounds are phase 2), scl_full's trainable backbone, the oracle's
-extra labeled sets.
+extra labeled sets; and FedAvg with top-k error feedback (residuals in the checkpoint) and DP noise.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedsim.runtime.driver import Simulation
 from strategies import STRATEGIES, get
@@ -30,6 +31,16 @@ PARAMS = {
     "fedmox": ["strategy.params.balance_coef=0.05", "strategy.params.num_experts=2"],
     "fedsto": ["strategy.params.phase1_rounds=1"],
     "fedprox": ["strategy.params.mu=0.01"],
+}
+# Engine options that carry state across rounds outside the model: top-k residuals (in the
+# checkpoint) and DP noise (drawn from (seed, round)).
+EXTRA = {
+    "fedavg+topk+dp": [
+        "compression.uplink=topk",
+        "privacy.clip_norm=1.0",
+        "privacy.noise_multiplier=0.1",
+        "clients.sampling_rate=1.0",
+    ]
 }
 TIMING = ("seconds", "peak_mem")
 
@@ -52,14 +63,18 @@ def final_state(run_dir: Path) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(STRATEGIES) + sorted(EXTRA))
 def test_resumed_run_equals_uninterrupted(name, local_ray, store, tmp_path):  # noqa: F811
-    cfg = tiny(*SMALL, f"strategy.name={name}", *PARAMS.get(name, []))
-    if get(name)(get(name).Params(), cfg).num_rounds() == 0:
+    cfg = tiny(*SMALL, *EXTRA[name]) if name in EXTRA else tiny(*SMALL, f"strategy.name={name}", *PARAMS.get(name, []))
+    method = cfg.strategy.name
+    if get(method)(get(method).Params(), cfg).num_rounds() == 0:
         pytest.skip(f"{name} has no round to interrupt (its run is the warm-up alone)")
     straight = run(cfg, tmp_path / "straight", store)
     first = run(cfg, tmp_path / "resumed", store, stop_after=1)
     assert first[-1] == {"event": "stopped", "round": 1}
+    if name in EXTRA:  # the residuals the resumed rounds need are in the checkpoint, weights-only
+        blob = torch.load(tmp_path / "resumed" / "checkpoints" / "round_0001.pt", weights_only=True)
+        assert sorted(blob["uplink"]) == ["0", "1"]
     second = run(cfg, tmp_path / "resumed", store, resume=True)
     assert second[0] == {"event": "resumed", "round": 1} and second[-1]["event"] == "done"
 

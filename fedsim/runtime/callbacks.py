@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from fedsim.runtime.uplink import Uplink
 from fedsim.tracking import Tracker
 from fedsim.types import State
 
@@ -32,6 +33,7 @@ class RunView(Protocol):
     tracker: Tracker
     history: list[dict[str, float]]
     strategy: Any
+    uplink: Uplink
 
     def state(self) -> State: ...
 
@@ -91,7 +93,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 class Checkpointer(Callback):
-    """A checkpoint per round (state, round, strategy state, MLflow run id, history) and rounds.csv.
+    """A checkpoint per round (state, round, strategy state, MLflow run id, history, top-k residuals)
+    and rounds.csv.
 
     ``keep``: the newest checkpoints kept on disk (None: all); older ones go only after the new
     one is complete.
@@ -109,6 +112,8 @@ class Checkpointer(Callback):
             "run_id": sim.tracker.run_id,
             "history": sim.history,
         }
+        if sim.uplink.residuals:  # top-k error feedback: the devices' memory, for an exact resume
+            blob["uplink"] = sim.uplink.state_dict()
         save_checkpoint(path, blob)
         if self.keep:
             for old in sorted(path.parent.glob("round_*.pt"))[: -self.keep]:

@@ -26,6 +26,7 @@ checkpoint, then whatever the caller added (a sweep's Tune report).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,14 @@ from fedsim.types import ClientResult, State
 from strategies import build as build_strategy
 
 
+def weights_fingerprint(path: str | None) -> str:
+    """``<file name>:<sha1 of its bytes, 12 hex>`` of the checkpoint a run started from (``none``)."""
+    if not path:
+        return "none"
+    digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
+    return f"{Path(path).name}:{digest}"
+
+
 class Simulation:
     def __init__(
         self,
@@ -82,6 +91,7 @@ class Simulation:
         self.partition = Partition.load(Path(partition_root))
         self.strategy = build_strategy(cfg)
         detector = build_detector(cfg.model.arch, cfg.data.classes, weights, trust=cfg.model.trust_checkpoint)
+        self.weights_tag = weights_fingerprint(weights)
         self.model = self.strategy.build_model(detector)
         self.server = ServerTrainer(self.model, self.partition, cfg)
         self.tracking_uri = tracking_uri
@@ -126,6 +136,7 @@ class Simulation:
             "seed": str(cfg.seed),
             "git_commit": git_commit(),
             "config_key": cfg.key(),
+            "weights": self.weights_tag,
             "run_dir": str(self.run_dir),
         }
         job_id = ray.get_runtime_context().get_job_id()

@@ -1,0 +1,194 @@
+"""Uplink bytes and what they cost: each ``compression.uplink`` codec side by side, through the real engine.
+
+Two measurements on one config (default ``configs/tiny.yaml``):
+
+1. Codec error on one real client update: the foundation model, one client job run in this process
+   (``ClientWorker``, the code a client actor runs), its delta encoded by every codec: bytes sent,
+   ratio to the float32 state, relative L2 error of the decoded delta ``|d' - d| / |d|``.
+2. Whole runs: every codec in an in-process ``Simulation`` on a private local Ray cluster (the code
+   ``fedsim run`` drives): ``bytes_up`` per client per round (what ``ClientTelemetry`` counts: the
+   payload's arrays), its ratio to ``none``, and the final round's mAP@50 (total) of that run.
+
+    python benchmarks/compression.py                                   # tiny.yaml, 2 rounds
+    python benchmarks/compression.py --config configs/synth_n3.yaml --rounds 6 \
+        --out benchmarks/results/compression                           # also writes table.md
+
+``--out`` writes ``table.md`` stamped with the command, the git commit and the foundation
+checkpoint's file name and content hash (``name:sha1``, as runs tag it). One seed, so the mAP
+column says whether a codec breaks training, not by how much it differs from ``none`` (use
+``fedsim table`` over seeds for that).
+
+Last line: ``bytes ratio vs none: fp16=X int8/tensor=Y int8/channel=Z topk=W``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fedsim  # noqa: F401  (offline environment before Ray and Ultralytics)
+
+# isort: split
+import numpy as np
+import ray
+
+from fedsim.compression import decode_deltas, encode, is_float
+from fedsim.config import CompressionConfig, ExperimentConfig, apply_overrides
+from fedsim.experiment import init_ray, prepare_data, prepare_weights
+from fedsim.model.detector import build_detector, get_state, model_spec
+from fedsim.preflight import load
+from fedsim.runtime.client import ClientWorker
+from fedsim.runtime.driver import Simulation
+from fedsim.runtime.rounds import ShardIndex
+from fedsim.tracking import git_commit
+from fedsim.types import ClientJob, ClientResult
+from strategies import build as build_strategy
+
+CODECS = {
+    "none": ["compression.uplink=none"],
+    "fp16": ["compression.uplink=fp16"],
+    "int8/tensor": ["compression.uplink=int8", "compression.int8_granularity=tensor"],
+    "int8/channel": ["compression.uplink=int8", "compression.int8_granularity=channel"],
+    "topk": ["compression.uplink=topk"],
+}
+
+
+def codec_config(cfg: ExperimentConfig, name: str) -> CompressionConfig:
+    return load_with(cfg, CODECS[name]).compression
+
+
+def load_with(cfg: ExperimentConfig, sets: list[str]) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(apply_overrides(cfg.model_dump(mode="json"), sets))
+
+
+def one_client_update(cfg: ExperimentConfig) -> tuple[dict, dict]:
+    """(the global state a client receives, the state it sends back) for client 0 in round 1."""
+    cfg = load_with(cfg, CODECS["none"])
+    partition = prepare_data(cfg, echo=lambda _: None)
+    strategy = build_strategy(cfg)
+    model = strategy.build_model(build_detector(cfg.model.arch, cfg.data.classes, prepare_weights(cfg)))
+    full = get_state(model, list(model.state_dict()))
+    worker = ClientWorker(cfg.model_dump(mode="json"), model_spec(model), full, threads=1)
+    received = get_state(model, strategy.state_keys(model))
+    shard = ShardIndex.from_partition(partition).shard(0)
+    job = ClientJob(0, 1, shard.images, partition.client_imgsz, seed=0, plan=strategy.client_plan(1))
+    result = worker.run(job, received)
+    if not isinstance(result, ClientResult):
+        raise RuntimeError(f"the client job failed: {result.error}")
+    return received, result.update
+
+
+def codec_errors(cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
+    received, update = one_client_update(cfg)
+    floats = [k for k, v in update.items() if is_float(v)]
+    true = np.concatenate([(update[k].astype(np.float64) - received[k]).reshape(-1) for k in floats])
+    plain = sum(v.nbytes for v in update.values())
+    out = {"none": {"bytes": plain, "ratio": 1.0, "error": 0.0}}
+    for name in CODECS:
+        if name == "none":
+            continue
+        c = codec_config(cfg, name)
+        payload, _ = encode(update, received, c)
+        got = decode_deltas(payload, c.int8_granularity == "channel")
+        sent = np.concatenate([got[k].astype(np.float64).reshape(-1) for k in floats])
+        error = float(np.linalg.norm(sent - true) / max(np.linalg.norm(true), 1e-30))
+        out[name] = {"bytes": payload.nbytes, "ratio": payload.nbytes / plain, "error": error}
+    return out
+
+
+def engine_runs(cfg: ExperimentConfig, workdir: Path) -> dict[str, dict[str, float]]:
+    init_ray()
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    partition = prepare_data(cfg, echo=lambda _: None)
+    weights = prepare_weights(cfg)
+    out = {}
+    for name, sets in CODECS.items():
+        run_cfg = load_with(cfg, sets)
+        run_dir = workdir / name.replace("/", "-")
+        run_dir.mkdir(parents=True)
+        t0 = time.perf_counter()
+        records = list(Simulation(run_cfg, run_dir, Path(partition.root), weights, uri).run())
+        rounds = [r for r in records if r.get("event") == "round" and r["round"] > 0]
+        per_client = [r["bytes_up"] / max(r["clients/ok"], 1) for r in rounds]
+        out[name] = {
+            "bytes_up": float(np.mean(per_client)),
+            "map50": rounds[-1]["map50/total"] if rounds else float("nan"),
+            "seconds": time.perf_counter() - t0,
+        }
+        mib = out[name]["bytes_up"] / 2**20
+        print(f"  {name:<13} {mib:8.3f} MiB/client/round  {out[name]['seconds']:.0f} s", flush=True)
+    ray.shutdown()
+    return out
+
+
+def tree_dirty() -> bool:
+    out = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=False)
+    return bool(out.stdout.strip())
+
+
+def foundation_stamp(cfg: ExperimentConfig) -> str:
+    path = prepare_weights(cfg)
+    if path is None:
+        return "none (random initialisation)"
+    digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
+    return f"{Path(path).name}:{digest}"  # as runs tag it (``weights``: name:sha1)
+
+
+def table(cfg: ExperimentConfig, errors: dict, runs: dict) -> list[str]:
+    base = runs["none"]["bytes_up"]
+    lines = [
+        "| uplink | bytes up / client / round | ratio vs none | rel. L2 error of one update | final mAP@50 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in CODECS:
+        e, r = errors[name], runs[name]
+        lines.append(
+            f"| {name} | {r['bytes_up']:,.0f} | {r['bytes_up'] / base:.3f} | {e['error']:.2e} | {r['map50']:.3f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--out", type=Path, help="directory for table.md (default: print only)")
+    args = ap.parse_args()
+    cfg = load(args.config, [f"rounds={args.rounds}", *args.set])
+    print(f"{cfg.name}: {cfg.strategy.name}, {cfg.rounds} rounds, {cfg.clients.per_round} clients per round")
+    print("codec error on one client update (client 0, round 1, from the foundation model):")
+    errors = codec_errors(cfg)
+    for name, e in errors.items():
+        print(f"  {name:<13} {e['bytes']:>12,} B  ratio {e['ratio']:.3f}  rel. L2 error {e['error']:.2e}")
+    print("engine runs:")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = engine_runs(cfg, Path(tmp))
+    lines = table(cfg, errors, runs)
+    print("\n".join(lines))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp = [
+            f"# Uplink compression on {cfg.name} ({cfg.strategy.name}, {cfg.rounds} rounds, seed {cfg.seed})",
+            "",
+            f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])}`",
+            f"- commit: {git_commit()}{' (with uncommitted changes)' if tree_dirty() else ''}",
+            f"- foundation checkpoint: {foundation_stamp(cfg)}",
+            f"- topk_fraction {codec_config(cfg, 'topk').topk_fraction}; bytes = the payload arrays' nbytes",
+            "",
+        ]
+        (args.out / "table.md").write_text("\n".join(stamp + lines) + "\n")
+        print(f"wrote {args.out / 'table.md'}")
+    base = runs["none"]["bytes_up"]
+    ratios = " ".join(f"{n}={runs[n]['bytes_up'] / base:.3f}" for n in CODECS if n != "none")
+    print(f"bytes ratio vs none: {ratios}")
+
+
+if __name__ == "__main__":
+    main()
