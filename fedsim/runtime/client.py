@@ -110,13 +110,7 @@ class ClientWorker:
         start = time.perf_counter()
         with PeakMemory(self.base_rss) as mem:
             update, payload, residual = self._encode(job, dict(global_state), global_state)
-        up = payload.nbytes if payload is not None else sum(v.nbytes for v in update.values())
-        telemetry = ClientTelemetry(
-            seconds=time.perf_counter() - start,
-            peak_mem_mib=mem.peak_mib,
-            bytes_up=float(up),
-            bytes_down=float(sum(v.nbytes for v in global_state.values())),
-        )
+        telemetry = _telemetry(start, mem.peak_mib, update, payload, global_state)
         return ClientResult(job.client_id, job.round, update, 1, telemetry, payload=payload, residual=residual)
 
     def _train(self, job: ClientJob, global_state: State) -> ClientResult:
@@ -158,17 +152,25 @@ class ClientWorker:
             del teacher, optimizer
         metrics.update(self.strategy.client_metrics(model))
         update, payload, residual = self._encode(job, get_state(model, keys), global_state)
-        up = payload.nbytes if payload is not None else sum(v.nbytes for v in update.values())
-        telemetry = ClientTelemetry(
-            seconds=time.perf_counter() - start,
-            peak_mem_mib=mem.peak_mib,
-            bytes_up=float(up),
-            bytes_down=float(sum(v.nbytes for v in global_state.values())),
-            work_images=float(len(dataset) * plan.epochs),  # the virtual clock's compute measure
-        )
+        # work_images: the virtual clock's compute measure
+        telemetry = _telemetry(start, mem.peak_mib, update, payload, global_state, len(dataset) * plan.epochs)
         return ClientResult(
             job.client_id, job.round, update, len(dataset), telemetry, metrics, payload=payload, residual=residual
         )
+
+
+def _telemetry(
+    start: float, peak_mib: float, update: State, payload: Payload | None, received: State, work_images: float = 0.0
+) -> ClientTelemetry:
+    """What a job cost its device: bytes up are the payload's when the update travels encoded."""
+    up = payload.nbytes if payload is not None else sum(v.nbytes for v in update.values())
+    return ClientTelemetry(
+        seconds=time.perf_counter() - start,
+        peak_mem_mib=peak_mib,
+        bytes_up=float(up),
+        bytes_down=float(sum(v.nbytes for v in received.values())),
+        work_images=float(work_images),
+    )
 
 
 @ray.remote

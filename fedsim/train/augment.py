@@ -201,6 +201,11 @@ def photometric_image(image: torch.Tensor, generator: torch.Generator, cfg: Stro
     return image
 
 
+def photometric_batch(img: torch.Tensor, generator: torch.Generator, cfg: StrongAugment) -> torch.Tensor:
+    """``photometric_image`` on every image of a ``(B, 3, H, W)`` batch, in order."""
+    return torch.stack([photometric_image(img[i], generator, cfg) for i in range(len(img))])
+
+
 def strong_view(batch: dict, generator: torch.Generator, cfg: StrongAugment | None = None) -> dict:
     """A strongly augmented copy of ``batch``: per image, geometric (image and boxes), then photometric (image)."""
     cfg = cfg or StrongAugment()
@@ -212,7 +217,7 @@ def strong_view(batch: dict, generator: torch.Generator, cfg: StrongAugment | No
         batch = {**batch, "img": batch["img"].clone(), **{k: v.clone() for k, v in _labels_of(batch).items()}}
     if cfg.photometric:
         img = batch["img"]
-        batch["img"] = torch.stack([photometric_image(img[i], generator, cfg) for i in range(n_img)])
+        batch["img"] = photometric_batch(img, generator, cfg)
     return batch
 
 

@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from ultralytics.utils.nms import non_max_suppression
 
 from fedsim.model.detector import freeze_batchnorm_stats, train_mode
-from fedsim.train.augment import Affine, StrongAugment, apply_geometric, draw_affine, photometric_image
+from fedsim.train.augment import Affine, StrongAugment, apply_geometric, draw_affine, photometric_batch
 from fedsim.train.pseudo_quality import QualityCounts, match_counts
 from fedsim.train.supervised import CPU, ExtraLoss, loss_items
 
@@ -187,7 +187,7 @@ def unsupervised_epoch(
                 batch = apply_geometric(batch, params, strong.min_visible, strong.min_size, strong.fill)
                 scores = warp_scores(scores, params, (height, width), strides)
             if strong.photometric:
-                batch["img"] = torch.stack([photometric_image(batch["img"][i], generator, strong) for i in range(n)])
+                batch["img"] = photometric_batch(batch["img"], generator, strong)
         train_mode(student)
         if freeze_bn:
             freeze_batchnorm_stats(student)

@@ -18,7 +18,7 @@ from ultralytics.cfg import get_cfg
 from ultralytics.data.dataset import YOLODataset
 
 from fedsim.model.detector import train_mode
-from fedsim.train.augment import StrongAugment, photometric_image, scale_jitter
+from fedsim.train.augment import StrongAugment, photometric_batch, scale_jitter
 
 CPU = torch.device("cpu")
 # Labeled images get colour, blur and noise jitter, but no cutouts (they would hide labeled objects).
@@ -166,10 +166,7 @@ def supervised_epoch(
         batch = random_hflip(to_float(batch, device), generator)
         if scale is not None:
             batch = scale_jitter(batch, generator, *scale)
-            img = batch["img"]
-            batch["img"] = torch.stack(
-                [photometric_image(img[i], generator, SERVER_PHOTOMETRIC) for i in range(len(img))]
-            )
+            batch["img"] = photometric_batch(batch["img"], generator, SERVER_PHOTOMETRIC)
         loss, items = model.loss(batch)
         total = loss.sum() / len(batch["img"])  # per image, as the extra term's coefficient assumes
         extra = extra_loss(model) if extra_loss else None
