@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from fedsim.compression import decode, decode_deltas, encode, int8_decode, int8_encode, topk_count
+from fedsim.compression import (
+    decode,
+    decode_deltas,
+    encode,
+    int8_decode,
+    int8_encode,
+    topk_count,
+    topk_decode,
+    topk_encode,
+    topk_positions,
+)
 from fedsim.config import CompressionConfig
 from fedsim.model.precision import Int8WeightConv2d, lower_backbone
 from fedsim.runtime.uplink import Uplink
@@ -73,15 +85,37 @@ def test_topk_keeps_exactly_k_entries_the_largest():
     payload, residual = encode(update, received, cfg)
     n = 32 * 16 * 9 + 32
     k = topk_count(n, 0.1)
-    assert k == 464 and payload.arrays["values"].shape == (k,) and payload.arrays["indices"].dtype == np.int32
+    values, bitmap = payload.arrays["values"], payload.arrays["bitmap"]
+    assert values.shape == (k,) and values.dtype == np.float16
+    assert bitmap.dtype == np.uint8 and bitmap.shape == (math.ceil(n / 8),)  # one bit per entry
+    kept = topk_positions(bitmap, n)
+    assert kept.size == k and np.array_equal(kept, np.sort(kept))
     deltas = decode_deltas(payload, per_channel=True)
     flat = np.concatenate([d.reshape(-1) for d in deltas.values()])
-    assert np.count_nonzero(flat) == k
+    assert np.array_equal(np.flatnonzero(flat), kept)
     true = np.concatenate([(update[key] - received[key]).reshape(-1) for key in deltas])
-    assert np.abs(true[flat != 0]).min() >= np.abs(true[flat == 0]).max()
-    # what was not sent is the residual, exactly
+    sent = np.zeros(n, bool)
+    sent[kept] = True
+    assert np.abs(true[sent]).min() >= np.abs(true[~sent]).max()
+    # the values are the float16 roundings of the true ones
+    assert np.array_equal(flat[kept], true[kept].astype(np.float16).astype(np.float32))
+    # the residual is everything not decoded (left-out entries and float16 rounding), exactly
     rest = np.concatenate([residual[key].reshape(-1) for key in deltas])
+    assert np.array_equal(rest[~sent], true[~sent]) and np.abs(rest[sent]).max() > 0
     assert np.array_equal(rest + flat, true)
+    # 1/8 byte per entry for the positions, 2 per kept value
+    assert payload.nbytes - 8 == math.ceil(n / 8) + 2 * k
+    assert payload.nbytes - 8 <= 0.085 * sum(v.nbytes for v in update.values() if v.dtype.kind == "f")
+
+
+def test_topk_positions_are_exact_at_any_size_and_values_clip_to_float16():
+    flat = np.array([0.0, 1e6, -3.0, 2.0**-30, 0.5, -7.0, 0.0, 1.0, 2.0, 4.0, -9.0], np.float32)
+    values, bitmap = topk_encode(flat, 4)
+    assert topk_positions(bitmap, flat.size).tolist() == [1, 5, 9, 10]  # 11 entries: 2 bytes, 5 pad bits
+    assert bitmap.nbytes == 2 and values.tolist() == [65504.0, -7.0, 4.0, -9.0]
+    assert topk_decode(values, bitmap, flat.size).tolist() == [0, 65504, 0, 0, 0, -7, 0, 0, 0, 4, -9]
+    values, bitmap = topk_encode(flat, flat.size)  # k = n: everything, tiny values round to 0 in float16
+    assert topk_positions(bitmap, flat.size).size == flat.size and values[3] == 0
 
 
 def test_error_feedback_loses_nothing_over_rounds():
@@ -163,6 +197,6 @@ def test_a_client_job_with_an_int8_backbone_sends_a_topk_payload(cpu_threads):
     result = worker.run(ClientJob(0, 1, shard.images, partition.client_imgsz, 0, strategy.client_plan(1)), received)
     assert isinstance(result, ClientResult), getattr(result, "error", "")
     assert result.update == {} and result.payload.codec == "topk" and result.residual
-    assert result.telemetry.bytes_up == result.payload.nbytes < 0.21 * sum(v.nbytes for v in received.values())
+    assert result.telemetry.bytes_up == result.payload.nbytes < 0.09 * sum(v.nbytes for v in received.values())
     decoded = decode(result.payload, received, cfg.compression)
     assert decoded.keys() == received.keys() and all(decoded[k].dtype == received[k].dtype for k in received)
