@@ -11,14 +11,18 @@ Two measurements on one config (default ``configs/tiny.yaml``):
 
     python benchmarks/compression.py                                   # tiny.yaml, 2 rounds
     python benchmarks/compression.py --config configs/synth_n3.yaml --rounds 6 \
-        --out benchmarks/results/compression                           # also writes table.md
+        --strategies fedavg,fedmox --out benchmarks/results/compression  # also writes table.md
+
+``--strategies`` (comma-separated, default: the config's own) repeats both measurements per
+strategy, as ``fedsim table --strategies`` would configure it (the config's params are kept for its
+own strategy, defaults for the others); Δ is each codec's final mAP@50 minus that strategy's ``none``.
 
 ``--out`` writes ``table.md`` stamped with the command, the git commit and the foundation
 checkpoint's file name and content hash (``name:sha1``, as runs tag it). One seed, so the mAP
 column says whether a codec breaks training, not by how much it differs from ``none`` (use
 ``fedsim table`` over seeds for that).
 
-Last line: ``bytes ratio vs none: fp16=X int8/tensor=Y int8/channel=Z topk=W``.
+Last line per strategy: ``<strategy> bytes ratio vs none: fp16=X int8/tensor=Y int8/channel=Z topk=W``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from fedsim.preflight import load
 from fedsim.runtime.client import ClientWorker
 from fedsim.runtime.driver import Simulation
 from fedsim.runtime.rounds import ShardIndex
+from fedsim.table import variant
 from fedsim.tracking import git_commit
 from fedsim.types import ClientJob, ClientResult
 from strategies import build as build_strategy
@@ -123,7 +128,6 @@ def engine_runs(cfg: ExperimentConfig, workdir: Path) -> dict[str, dict[str, flo
         }
         mib = out[name]["bytes_up"] / 2**20
         print(f"  {name:<13} {mib:8.3f} MiB/client/round  {out[name]['seconds']:.0f} s", flush=True)
-    ray.shutdown()
     return out
 
 
@@ -140,17 +144,22 @@ def foundation_stamp(cfg: ExperimentConfig) -> str:
     return f"{Path(path).name}:{digest}"  # as runs tag it (``weights``: name:sha1)
 
 
-def table(cfg: ExperimentConfig, errors: dict, runs: dict) -> list[str]:
-    base = runs["none"]["bytes_up"]
+def table(results: dict[str, tuple[dict, dict]]) -> list[str]:
+    """One row per (strategy, codec); ``results[strategy] = (errors, runs)``."""
     lines = [
-        "| uplink | bytes up / client / round | ratio vs none | rel. L2 error of one update | final mAP@50 |",
-        "|---|---:|---:|---:|---:|",
+        "| strategy | uplink | bytes up / client / round | ratio vs none | rel. L2 error of one update"
+        " | final mAP@50 (total) | Δ vs none | run s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in CODECS:
-        e, r = errors[name], runs[name]
-        lines.append(
-            f"| {name} | {r['bytes_up']:,.0f} | {r['bytes_up'] / base:.3f} | {e['error']:.2e} | {r['map50']:.3f} |"
-        )
+    for strategy, (errors, runs) in results.items():
+        base = runs["none"]
+        for name in CODECS:
+            e, r = errors[name], runs[name]
+            delta = "—" if name == "none" else f"{r['map50'] - base['map50']:+.3f}"
+            lines.append(
+                f"| {strategy} | {name} | {r['bytes_up']:,.0f} | {r['bytes_up'] / base['bytes_up']:.3f}"
+                f" | {e['error']:.2e} | {r['map50']:.3f} | {delta} | {r['seconds']:.0f} |"
+            )
     return lines
 
 
@@ -158,36 +167,44 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--strategies", help="comma-separated strategy names (default: the config's own)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", type=Path, help="directory for table.md (default: print only)")
     args = ap.parse_args()
     cfg = load(args.config, [f"rounds={args.rounds}", *args.set])
-    print(f"{cfg.name}: {cfg.strategy.name}, {cfg.rounds} rounds, {cfg.clients.per_round} clients per round")
-    print("codec error on one client update (client 0, round 1, from the foundation model):")
-    errors = codec_errors(cfg)
-    for name, e in errors.items():
-        print(f"  {name:<13} {e['bytes']:>12,} B  ratio {e['ratio']:.3f}  rel. L2 error {e['error']:.2e}")
-    print("engine runs:")
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = engine_runs(cfg, Path(tmp))
-    lines = table(cfg, errors, runs)
+    names = [n.strip() for n in (args.strategies or cfg.strategy.name).split(",") if n.strip()]
+    results: dict[str, tuple[dict, dict]] = {}
+    for name in names:
+        scfg = variant(cfg, name, cfg.seed)
+        print(f"{scfg.name}: {name}, {scfg.rounds} rounds, {scfg.clients.per_round} clients per round")
+        print("codec error on one client update (client 0, round 1, from the foundation model):")
+        errors = codec_errors(scfg)
+        for codec, e in errors.items():
+            print(f"  {codec:<13} {e['bytes']:>12,} B  ratio {e['ratio']:.3f}  rel. L2 error {e['error']:.2e}")
+        print("engine runs:")
+        with tempfile.TemporaryDirectory() as tmp:
+            results[name] = (errors, engine_runs(scfg, Path(tmp)))
+    ray.shutdown()
+    lines = table(results)
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         stamp = [
-            f"# Uplink compression on {cfg.name} ({cfg.strategy.name}, {cfg.rounds} rounds, seed {cfg.seed})",
+            f"# Uplink compression on {cfg.name} ({', '.join(names)}; {cfg.rounds} rounds, seed {cfg.seed})",
             "",
             f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])}`",
             f"- commit: {git_commit()}{' (with uncommitted changes)' if tree_dirty() else ''}",
             f"- foundation checkpoint: {foundation_stamp(cfg)}",
-            f"- topk_fraction {codec_config(cfg, 'topk').topk_fraction}; bytes = the payload arrays' nbytes",
+            f"- topk_fraction {codec_config(cfg, 'topk').topk_fraction}; bytes = the payload arrays' nbytes;"
+            " Δ = final mAP@50 (total) minus the same strategy's `none` run (one seed: not a significance test)",
             "",
         ]
         (args.out / "table.md").write_text("\n".join(stamp + lines) + "\n")
         print(f"wrote {args.out / 'table.md'}")
-    base = runs["none"]["bytes_up"]
-    ratios = " ".join(f"{n}={runs[n]['bytes_up'] / base:.3f}" for n in CODECS if n != "none")
-    print(f"bytes ratio vs none: {ratios}")
+    for name, (_, runs) in results.items():
+        base = runs["none"]["bytes_up"]
+        ratios = " ".join(f"{n}={runs[n]['bytes_up'] / base:.3f}" for n in CODECS if n != "none")
+        print(f"{name} bytes ratio vs none: {ratios}")
 
 
 if __name__ == "__main__":
