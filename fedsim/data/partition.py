@@ -12,6 +12,12 @@ Layout written (once, cached by a hash of source and split parameters)::
     test_hi/<domain>/{images,labels}  client domains' test images again, at full resolution
     partition.json                    what is where (read by everything else)
 
+Client shards (``data.partition``; README "Client populations"): ``iid`` deals a client domain's
+shuffled images round-robin to its clients (equal shares); ``dirichlet`` gives each class's images
+to them in proportions drawn from Dir(``data.dirichlet_alpha``), an image counting as its most
+frequent class (``dominant_class``); ``data.quantity_alpha`` draws unequal client sizes. Both are
+seeded by ``data.seed`` and leave every client at least one image (``skewed_shards``).
+
 A domain's test set is a random draw of ``data.test_images`` of its images, unless a manifest
 marks some of them ``test``: then it is those (at most ``data.test_images`` of them, when that
 names a size for the domain). Images marked ``train`` are never tested on; ``any`` go either way.
@@ -20,6 +26,7 @@ names a size for the domain). Images marked ``train`` are never tested on; ``any
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -183,6 +190,82 @@ def clients_of_domain(client_domains: list[str], num_clients: int) -> dict[str, 
     return out
 
 
+# Seeds the population draws apart from the test split's shuffle: skew leaves the test sets alone.
+POPULATION_STREAM = 1
+
+
+def population_params(data: DataConfig) -> dict:
+    """The skew settings a partition depends on; empty for today's equal IID shares."""
+    if data.partition == "iid" and data.quantity_alpha is None:
+        return {}
+    out: dict = {"partition": data.partition, "quantity_alpha": data.quantity_alpha}
+    if data.partition == "dirichlet":
+        out["dirichlet_alpha"] = data.dirichlet_alpha
+    return out
+
+
+def dominant_class(label_file: Path, num_classes: int) -> int:
+    """An image's class for label skew: its most frequent object class, the lowest id on a tie;
+    an image without objects (or without a label file) is a group of its own, ``num_classes``."""
+    if not label_file.is_file():
+        return num_classes
+    counts = Counter(int(float(line.split()[0])) for line in label_file.read_text().splitlines() if line.strip())
+    if not counts:
+        return num_classes
+    top = max(counts.values())
+    return min(c for c, n in counts.items() if n == top)
+
+
+def _cut(items: list[int], weights: np.ndarray | None, parts: int) -> list[list[int]]:
+    """``items`` in ``parts`` consecutive runs: run j ends at ``floor(cumsum(weights)[j] * len(items))``
+    (the last at the end); ``None`` weights: equal shares."""
+    if weights is None:
+        weights = np.full(parts, 1.0 / parts)
+    bounds = [0, *(np.cumsum(weights) * len(items)).astype(int)[:-1].tolist(), len(items)]
+    return [items[bounds[j] : bounds[j + 1]] for j in range(parts)]
+
+
+def skewed_shards(classes: list[int], num_clients: int, data: DataConfig, rng: np.random.Generator) -> list[list[int]]:
+    """One domain's pool (image ``i`` of dominant class ``classes[i]``) as ``num_clients`` shards of indices.
+
+    The draws, in this order from ``rng``: with ``data.quantity_alpha``, client weights
+    ``q ~ Dir(quantity_alpha)``. Then ``partition: iid`` cuts the (already shuffled) pool into runs
+    sized by ``q``; ``dirichlet`` takes the classes in increasing id (the no-object group last), draws
+    ``p ~ Dir(dirichlet_alpha)`` over the clients for each and cuts that class's images (in pool order)
+    into runs sized by ``p`` (by ``p * q`` renormalised, with quantity skew). Last, while a client is
+    empty, the first empty one takes the last image (in pool order) of the largest shard (the first
+    on a tie): a domain with at least as many images as clients (``split_problems``) leaves nobody empty.
+    """
+    if len(classes) < num_clients:
+        raise DataError(f"{len(classes)} images cannot give {num_clients} clients one each")
+    weights = rng.dirichlet([data.quantity_alpha] * num_clients) if data.quantity_alpha is not None else None
+    shards: list[list[int]] = [[] for _ in range(num_clients)]
+    if data.partition == "dirichlet":
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(classes):
+            groups.setdefault(c, []).append(i)
+        for c in sorted(groups):
+            p = rng.dirichlet([data.dirichlet_alpha] * num_clients)
+            if weights is not None and float((p * weights).sum()) > 0:
+                p = p * weights / (p * weights).sum()
+            for j, part in enumerate(_cut(groups[c], p, num_clients)):
+                shards[j] += part
+    else:
+        shards = _cut(list(range(len(classes))), weights, num_clients)
+    shards = [sorted(s) for s in shards]
+    largest = [(-len(s), j) for j, s in enumerate(shards) if s]  # a heap, entries of old sizes skipped
+    heapq.heapify(largest)
+    for empty in [j for j, s in enumerate(shards) if not s]:
+        while True:
+            size, donor = heapq.heappop(largest)
+            if -size == len(shards[donor]):
+                break
+        shards[empty].append(shards[donor].pop())  # a donor holds at least 2 while a client is empty
+        heapq.heappush(largest, (-len(shards[donor]), donor))
+        heapq.heappush(largest, (-1, empty))
+    return [sorted(s) for s in shards]
+
+
 def domain_test_size(data: DataConfig, domain: str) -> int | None:
     """Test images ``data.test_images`` asks of ``domain`` (None: a mapping that does not name it)."""
     sizes = data.test_images
@@ -267,7 +350,7 @@ def build_partition(
     server_images, client_images = data.server_images, data.client_images
     client_scale, seed = data.client_scale, data.seed
     splits = splits or {}
-    params = dict(
+    params: dict = dict(
         layout=LAYOUT_VERSION,
         source=source_key,
         server=server_domains,
@@ -280,6 +363,9 @@ def build_partition(
         seed=seed,
         names=names,
     )
+    population = population_params(data)
+    if population:  # only when skewed: iid partitions keep their cache key (and their shards)
+        params["population"] = population
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(out_root) / f"pssfl-{key}"
     if (root / "partition.json").exists():
@@ -307,10 +393,17 @@ def build_partition(
 
     client_long = 0
     members = clients_of_domain(client_list, num_clients)
-    for d, ids in members.items():
+    for domain_i, (d, ids) in enumerate(members.items()):
         pool = pools[d][:client_images]
+        if population:
+            # seeded by (data.seed, the domain's place among the distinct client domains)
+            rng_d = np.random.default_rng([seed, POPULATION_STREAM, domain_i])
+            classes = [dominant_class(label_path(p), len(names)) for p in pool]
+            shards = skewed_shards(classes, len(ids), data, rng_d)
+        else:
+            shards = [[i for i in range(shard_i, len(pool), len(ids))] for shard_i in range(len(ids))]
         for shard_i, cid in enumerate(ids):
-            shard = pool[shard_i :: len(ids)] if ids else []
+            shard = [pool[i] for i in shards[shard_i]]
             name = f"client_{cid:03d}"
             n, long_side = _place(shard, tmp / "clients" / name, client_scale, tmp / "client_labels" / name / "labels")
             client_long = max(client_long, long_side)
