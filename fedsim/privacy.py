@@ -22,6 +22,7 @@ rate is the usual approximation (McMahan et al. 2018, TensorFlow Federated).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import dp_accounting
@@ -67,26 +68,56 @@ def sampling_rate(per_round: int, num_clients: int) -> float:
     return per_round / num_clients
 
 
+def _event(q: float, noise_multiplier: float, rounds: int) -> dp_accounting.DpEvent:
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier)), rounds
+    )
+
+
+def _accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
+    return dp_accounting.rdp.RdpAccountant() if accountant == "rdp" else dp_accounting.pld.PLDAccountant()
+
+
+@contextlib.contextmanager
+def _quiet_accountant():
+    # RDP orders close to 1 may not converge at large q; the accountant drops them with a warning each.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
 def epsilon(q: float, noise_multiplier: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
     """Epsilon spent after ``rounds`` Poisson-subsampled Gaussian rounds, at ``delta``."""
     if rounds <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier)), rounds
-    )
-    if accountant == "rdp":
-        acc = dp_accounting.rdp.RdpAccountant()
-    else:
-        acc = dp_accounting.pld.PLDAccountant()
-    # RDP orders close to 1 may not converge at large q; the accountant drops them with a warning each.
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        return float(acc.compose(event).get_epsilon(delta))
-    finally:
-        absl_logging.set_verbosity(verbosity)
+    with _quiet_accountant():
+        return float(_accountant(accountant).compose(_event(q, noise_multiplier, rounds)).get_epsilon(delta))
+
+
+def calibrate_noise(q: float, rounds: int, target_epsilon: float, delta: float) -> float:
+    """The noise multiplier whose RDP ``epsilon(q, sigma, rounds, delta)`` is ``target_epsilon`` or just below.
+
+    ``dp_accounting.calibrate_dp_mechanism`` (bracketing, then bisection over sigma with the RDP
+    accountant recomputed at each step; sigma to within 1e-5, on the side that meets the target).
+    RDP only: the PLD accountant's bracketing tries tiny sigmas whose PLDs do not fit in memory.
+    PLD's epsilon for the same sigma is smaller (tighter), so the sigma meets the target under both.
+    """
+    if rounds <= 0:
+        raise ValueError("calibrating the noise needs at least one round")
+    with _quiet_accountant():
+        sigma = dp_accounting.calibrate_dp_mechanism(
+            lambda: _accountant("rdp"),
+            lambda s: _event(q, s, rounds),
+            target_epsilon,
+            delta,
+            tol=1e-5,
+        )
+    return float(sigma)
 
 
 def config_problems(cfg: ExperimentConfig, uses_clients: bool) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 
 from fedsim.config import ConfigError
 from fedsim.preflight import load
-from fedsim.privacy import clip, epsilon, gaussian_noise, l2_norm
+from fedsim.privacy import calibrate_noise, clip, epsilon, gaussian_noise, l2_norm
 from fedsim.runtime.private import PrivateAggregate
 from fedsim.types import ClientResult
 from tests.conftest import TINY
@@ -85,6 +85,16 @@ def test_epsilon_is_the_accountants_own(accountant):
     assert epsilon(q, sigma, steps, delta, accountant) == pytest.approx(own.compose(event).get_epsilon(delta))
     assert epsilon(q, sigma, 5, delta, accountant) < epsilon(q, sigma, steps, delta, accountant)
     assert epsilon(q, 0.0, steps, delta) == float("inf") and epsilon(q, sigma, 0, delta) == 0.0
+
+
+@pytest.mark.parametrize("target", [1.0, 4.0])
+def test_calibrated_noise_meets_the_target_epsilon_tightly(target):
+    q, rounds, delta = 0.1, 5, 1e-5
+    sigma = calibrate_noise(q, rounds, target, delta)
+    assert epsilon(q, sigma, rounds, delta) <= target < epsilon(q, sigma * 0.999, rounds, delta)
+    assert epsilon(q, sigma, rounds, delta, "pld") < target  # PLD is tighter for the same sigma
+    # more rounds spend more: the same target needs more noise
+    assert calibrate_noise(q, 2 * rounds, target, delta) > sigma
 
 
 @pytest.mark.parametrize(
