@@ -107,14 +107,14 @@ def codec_errors(cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
     return out
 
 
-def engine_runs(cfg: ExperimentConfig, workdir: Path) -> dict[str, dict[str, float]]:
+def engine_runs(cfg: ExperimentConfig, workdir: Path, codecs: list[str]) -> dict[str, dict[str, float]]:
     init_ray()
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     partition = prepare_data(cfg, echo=lambda _: None)
     weights = prepare_weights(cfg)
     out = {}
-    for name, sets in CODECS.items():
-        run_cfg = load_with(cfg, sets)
+    for name in codecs:
+        run_cfg = load_with(cfg, CODECS[name])
         run_dir = workdir / name.replace("/", "-")
         run_dir.mkdir(parents=True)
         t0 = time.perf_counter()
@@ -154,7 +154,12 @@ def table(results: dict[str, tuple[dict, dict]]) -> list[str]:
     for strategy, (errors, runs) in results.items():
         base = runs["none"]
         for name in CODECS:
-            e, r = errors[name], runs[name]
+            e, r = errors[name], runs.get(name)
+            if r is None:  # not run through the engine (--codecs): the one-update figures only
+                ratio = f"{e['ratio']:.3f} (one update)"
+                lines.append(f"| {strategy} | {name} | {e['bytes']:,.0f} (one update) | {ratio} | {e['error']:.2e}"
+                             " | not run | | |")  # fmt: skip
+                continue
             delta = "—" if name == "none" else f"{r['map50'] - base['map50']:+.3f}"
             lines.append(
                 f"| {strategy} | {name} | {r['bytes_up']:,.0f} | {r['bytes_up'] / base['bytes_up']:.3f}"
@@ -168,11 +173,13 @@ def main() -> None:
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--strategies", help="comma-separated strategy names (default: the config's own)")
+    ap.add_argument("--codecs", default=",".join(CODECS), help="uplinks run through the engine (none always)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", type=Path, help="directory for table.md (default: print only)")
     args = ap.parse_args()
     cfg = load(args.config, [f"rounds={args.rounds}", *args.set])
     names = [n.strip() for n in (args.strategies or cfg.strategy.name).split(",") if n.strip()]
+    codecs = ["none", *(c for c in CODECS if c != "none" and c in args.codecs.split(","))]
     results: dict[str, tuple[dict, dict]] = {}
     for name in names:
         scfg = variant(cfg, name, cfg.seed)
@@ -183,28 +190,33 @@ def main() -> None:
             print(f"  {codec:<13} {e['bytes']:>12,} B  ratio {e['ratio']:.3f}  rel. L2 error {e['error']:.2e}")
         print("engine runs:")
         with tempfile.TemporaryDirectory() as tmp:
-            results[name] = (errors, engine_runs(scfg, Path(tmp)))
+            results[name] = (errors, engine_runs(scfg, Path(tmp), codecs))
+        if args.out:  # after each strategy, so a long table keeps what finished
+            write_table(args.out, cfg, names, results)
     ray.shutdown()
-    lines = table(results)
-    print("\n".join(lines))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = [
-            f"# Uplink compression on {cfg.name} ({', '.join(names)}; {cfg.rounds} rounds, seed {cfg.seed})",
-            "",
-            f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])}`",
-            f"- commit: {git_commit()}{' (with uncommitted changes)' if tree_dirty() else ''}",
-            f"- foundation checkpoint: {foundation_stamp(cfg)}",
-            f"- topk_fraction {codec_config(cfg, 'topk').topk_fraction}; bytes = the payload arrays' nbytes;"
-            " Δ = final mAP@50 (total) minus the same strategy's `none` run (one seed: not a significance test)",
-            "",
-        ]
-        (args.out / "table.md").write_text("\n".join(stamp + lines) + "\n")
-        print(f"wrote {args.out / 'table.md'}")
+    print("\n".join(table(results)))
     for name, (_, runs) in results.items():
         base = runs["none"]["bytes_up"]
-        ratios = " ".join(f"{n}={runs[n]['bytes_up'] / base:.3f}" for n in CODECS if n != "none")
+        ratios = " ".join(f"{n}={runs[n]['bytes_up'] / base:.3f}" for n in codecs if n != "none")
         print(f"{name} bytes ratio vs none: {ratios}")
+
+
+def write_table(out: Path, cfg: ExperimentConfig, names: list[str], results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    missing = [n for n in names if n not in results]
+    stamp = [
+        f"# Uplink compression on {cfg.name} ({', '.join(names)}; {cfg.rounds} rounds, seed {cfg.seed})",
+        "",
+        f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])}`",
+        f"- commit: {git_commit()}{' (with uncommitted changes)' if tree_dirty() else ''}",
+        f"- foundation checkpoint: {foundation_stamp(cfg)}",
+        f"- topk_fraction {codec_config(cfg, 'topk').topk_fraction}; bytes = the payload arrays' nbytes;"
+        " Δ = final mAP@50 (total) minus the same strategy's `none` run (one seed: not a significance test)",
+        *([f"- incomplete: {', '.join(missing)} not run yet"] if missing else []),
+        "",
+    ]
+    (out / "table.md").write_text("\n".join(stamp + table(results)) + "\n")
+    print(f"wrote {out / 'table.md'}", flush=True)
 
 
 if __name__ == "__main__":
