@@ -8,6 +8,9 @@ Two measurements on one config (default ``configs/tiny.yaml``):
 2. Whole runs: every codec in an in-process ``Simulation`` on a private local Ray cluster (the code
    ``fedsim run`` drives): ``bytes_up`` per client per round (what ``ClientTelemetry`` counts: the
    payload's arrays), its ratio to ``none``, and the final round's mAP@50 (total) of that run.
+   The warm-up (round 0) does not depend on the codec, so it runs once per strategy: every codec
+   after the first resumes from the first run's round-0 checkpoint (``--resume`` semantics, which
+   give the same rounds as an uninterrupted run); their ``run s`` exclude the warm-up.
 
     python benchmarks/compression.py                                   # tiny.yaml, 2 rounds
     python benchmarks/compression.py --config configs/synth_n3.yaml --rounds 6 \
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,12 +117,17 @@ def engine_runs(cfg: ExperimentConfig, workdir: Path, codecs: list[str]) -> dict
     partition = prepare_data(cfg, echo=lambda _: None)
     weights = prepare_weights(cfg)
     out = {}
+    warm: Path | None = None
     for name in codecs:
         run_cfg = load_with(cfg, CODECS[name])
         run_dir = workdir / name.replace("/", "-")
-        run_dir.mkdir(parents=True)
+        (run_dir / "checkpoints").mkdir(parents=True)
+        if warm is not None:  # the warm-up does not depend on the codec: resume after the first run's
+            shutil.copy(warm, run_dir / "checkpoints" / warm.name)
         t0 = time.perf_counter()
-        records = list(Simulation(run_cfg, run_dir, Path(partition.root), weights, uri).run())
+        sim = Simulation(run_cfg, run_dir, Path(partition.root), weights, uri, resume=warm is not None)
+        records = list(sim.run())
+        warm = warm or run_dir / "checkpoints" / "round_0000.pt"
         rounds = [r for r in records if r.get("event") == "round" and r["round"] > 0]
         per_client = [r["bytes_up"] / max(r["clients/ok"], 1) for r in rounds]
         out[name] = {

@@ -11,7 +11,9 @@ runs differ only in sigma (and the no-DP run has no clipping either). The clippi
 ``--clip-norm``, or, without it, the median L2 norm of the privatised entries of a few clients'
 round-1 updates from the foundation model (``--probe`` clients, run in this process as a client
 actor would; Andrew et al. 2021 adapt the bound to such a quantile during training, here it is
-fixed before the runs).
+fixed before the runs). The warm-up (round 0) does not depend on privacy, so it runs once: the DP
+runs resume from the no-DP run's round-0 checkpoint (``--resume`` semantics, the same rounds as an
+uninterrupted run); their ``run s`` exclude the warm-up.
 
 The table has, per row: sigma, the epsilon the run logged after its last round (``privacy/epsilon``,
 RDP) and PLD's epsilon for the same (q, sigma, rounds), the per-coordinate noise std on the mean
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,9 +79,15 @@ def probe_norms(cfg: ExperimentConfig, clients: int) -> list[float]:
     return norms
 
 
-def run(cfg: ExperimentConfig, workdir: Path, uri: str, partition_root: Path, weights: str | None) -> dict:
+def run(
+    cfg: ExperimentConfig, workdir: Path, uri: str, partition_root: Path, weights: str | None, warm: Path | None
+) -> dict:
+    """One run; with ``warm`` (a round-0 checkpoint), resumed after that warm-up instead of its own."""
+    (workdir / "checkpoints").mkdir(parents=True)
+    if warm is not None:
+        shutil.copy(warm, workdir / "checkpoints" / warm.name)
     t0 = time.perf_counter()
-    records = list(Simulation(cfg, workdir, partition_root, weights, uri).run())
+    records = list(Simulation(cfg, workdir, partition_root, weights, uri, resume=warm is not None).run())
     rounds = [r for r in records if r.get("event") == "round" and r["round"] > 0]
     if len(rounds) != cfg.rounds:
         raise RuntimeError(f"{workdir.name}: {len(rounds)} of {cfg.rounds} rounds ran")
@@ -143,8 +152,8 @@ def main() -> None:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         for i, (name, cfg) in enumerate(variants.items()):
             workdir = Path(tmp) / f"run{i}"
-            workdir.mkdir()
-            results[name] = r = run(cfg, workdir, uri, Path(partition.root), weights)
+            warm = Path(tmp) / "run0" / "checkpoints" / "round_0000.pt" if i else None
+            results[name] = r = run(cfg, workdir, uri, Path(partition.root), weights, warm)
             print(f"  {name:<8} mAP@50 {r['map50']:.3f}  ε {r['logged_epsilon']:.3f}  {r['seconds']:.0f} s", flush=True)
             if args.out:  # after each run, so a long table keeps what finished
                 write_table(args.out, base, clip_norm, norms, sigmas, results)
