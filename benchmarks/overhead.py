@@ -81,10 +81,10 @@ def fedsim_side(num_clients: int, rate: float, rounds: int) -> tuple[float, int,
     profile = ProfileAssignment.from_config(cfg.clients).pool_profile()
     cfg_dict = cfg.model_dump(mode="json")
 
-    def new_actor():
+    def new_actor(node: str | None):
         return ClientActor.options(**actor_options(profile)).remote(cfg_dict, None, None, 1)
 
-    pool = ClientPool(new_actor, ACTORS)
+    pool = ClientPool(new_actor, [None] * ACTORS)
     # noop clients never open their shard; one entry serves every id (modulo)
     phase = ClientPhase(cfg, strategy, ShardIndex([Shard("unused", "none", 1)]), 320, pool)
     state = model_state()

@@ -44,10 +44,11 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         from fedsim.data.yolo_folder import DataError
         from fedsim.experiment import RunFailed
         from fedsim.preflight import CheckFailed
+        from fedsim.runtime.nodes import StorageUnreachable
 
         try:
             return command(args)
-        except (ConfigError, CheckFailed) as exc:
+        except (ConfigError, CheckFailed, StorageUnreachable) as exc:
             return _fail(str(exc))
         except (DataError, ConversionError) as exc:
             return _fail(f"fedsim: data error: {exc}")

@@ -57,6 +57,22 @@ class DataConfig(Section):
     height: int = Field(192, ge=32)
     client_scale: float = Field(0.5, gt=0, le=1)  # client resolution = server resolution * this
     seed: int = 0  # data seed: runs with different run seeds share one data set
+    # Client populations, within each client domain (README "Client populations"), seeded by `seed`.
+    # iid: equal shares, dealt round-robin. dirichlet: label skew, each class's images go to the
+    # domain's clients in proportions drawn from Dir(dirichlet_alpha) (an image counts as its most
+    # frequent class; fedsim/data/partition.py). quantity_alpha: client sizes ~ Dir(quantity_alpha)
+    # instead of equal (null: equal). Every client keeps at least one image.
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    quantity_alpha: float | None = Field(None, gt=0)
+
+    @model_serializer(mode="wrap")
+    def _omit_population_at_default(self, handler) -> dict[str, Any]:
+        data = handler(self)  # added later: configs that leave them keep their key()
+        for key, default in (("partition", "iid"), ("dirichlet_alpha", 0.5), ("quantity_alpha", None)):
+            if key in data and data[key] == default:
+                del data[key]
+        return data
 
     @field_validator("test_images", mode="before")
     @classmethod
@@ -137,6 +153,7 @@ _OMITTED_AT_DEFAULT = {
     "deadline_s": None,
     "work": "train",
     "image_cost_s": 0.05,
+    "availability": 1.0,
 }
 
 
@@ -152,6 +169,11 @@ class ClientsConfig(Section):
     clients and aggregates the first ``m`` to finish on the virtual clock; ``deadline_s`` (simulated
     seconds) drops later ones too; a round with fewer than ``min_clients`` usable results aborts the
     run. ``work: noop`` clients return the state they received (scale tests, benchmarks).
+
+    ``availability``: each client is online in a round with this probability, drawn independently
+    per client and round from (seed, round); a round samples among the online clients only (all of
+    them when fewer are online than it wants), and redraws the online set, as if waiting on the
+    virtual clock (not charged), while fewer than ``min_clients`` are online. 1.0: always online.
     """
 
     num_clients: int = Field(3, gt=0)
@@ -164,6 +186,7 @@ class ClientsConfig(Section):
     deadline_s: float | None = Field(None, gt=0)  # round deadline on the virtual clock
     work: Literal["train", "noop"] = "train"
     image_cost_s: float = Field(0.05, gt=0)  # virtual-clock seconds per image on a speed-1.0 device at 320 px
+    availability: float = Field(1.0, gt=0, le=1)  # each client's online probability per round
 
     @property
     def per_round(self) -> int:
@@ -242,6 +265,20 @@ class TrainConfig(Section):
     pseudo_diagnostics: bool = True
     server_threads: int = Field(2, gt=0)
     eval_batch: int = Field(16, gt=0)
+    # Score the test sets every k rounds (and always after the warm-up and the last round); the
+    # rounds between log no map50 metrics. Sweeps need 1: their schedulers compare every round.
+    eval_every: int = Field(1, gt=0)
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults_of_new_fields(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for key, default in _TRAIN_OMITTED_AT_DEFAULT.items():
+            if key in data and data[key] == default:
+                del data[key]
+        return data
+
+
+_TRAIN_OMITTED_AT_DEFAULT = {"eval_every": 1}  # as _OMITTED_AT_DEFAULT
 
 
 class CompressionConfig(Section):

@@ -5,6 +5,8 @@ arguments or prints unless given an ``echo``; the CLI maps the exceptions to exi
 
 - ``ConfigError`` (bad config), ``CheckFailed`` (data, weights or resources that would not run),
   ``DataError``: all raised before any Ray process exists;
+- ``StorageUnreachable``: a node of the cluster cannot read the inputs or write the run directory
+  (checked on every node before the driver starts);
 - ``RunFailed``: a simulation that stopped with an error (its finished rounds are kept).
 """
 
@@ -22,9 +24,11 @@ import ray
 from fedsim.config import ExperimentConfig
 from fedsim.data.formats import prepare_partition
 from fedsim.data.partition import Partition
-from fedsim.offline import cache_dir, offline_env
+from fedsim.offline import offline_env
 from fedsim.preflight import check_or_raise
 from fedsim.runtime.driver import DriverActor
+from fedsim.runtime.nodes import check_storage
+from fedsim.storage import cache_dir, resolve, storage_root
 from fedsim.tracking import resolve_uri
 from fedsim.train.foundation import pretrain
 
@@ -45,7 +49,7 @@ def prepare_weights(cfg: ExperimentConfig) -> str | None:
 
     m = cfg.model
     if m.weights != "foundation":
-        return m.weights
+        return None if m.weights is None else str(resolve(m.weights))
     path = pretrain(
         cache_dir(),
         m.arch,
@@ -80,18 +84,18 @@ def init_ray(num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    # Workers resolve nothing against their own working directory (a Tune trial's differs).
+    env = {**offline_env(), "FEDSIM_STORAGE": str(storage_root())}
     if on_cluster():
         # These variables are merged into the job's runtime env so every worker starts offline.
-        ray.init(
-            address="auto", logging_level=logging.WARNING, runtime_env={"env_vars": _not_in_job_env(offline_env())}
-        )
+        ray.init(address="auto", logging_level=logging.WARNING, runtime_env={"env_vars": _not_in_job_env(env)})
     else:
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             logging_level=logging.WARNING,
-            runtime_env={"env_vars": offline_env()},
+            runtime_env={"env_vars": env},
         )
     return True
 
@@ -102,12 +106,12 @@ def _run_dir_base(cfg: ExperimentConfig) -> str:
 
 def earlier_run_dir(cfg: ExperimentConfig) -> Path | None:
     """The newest run directory of exactly this config, if one was started before."""
-    found = sorted(Path(cfg.output_dir).resolve().glob(f"{_run_dir_base(cfg)}-*"))
+    found = sorted(resolve(cfg.output_dir).glob(f"{_run_dir_base(cfg)}-*"))
     return found[-1] if found else None
 
 
 def new_run_dir(cfg: ExperimentConfig, resume: bool, echo: Echo = print) -> Path:
-    root = Path(cfg.output_dir).resolve()
+    root = resolve(cfg.output_dir)
     if resume:
         found = earlier_run_dir(cfg)
         if found:
@@ -118,7 +122,11 @@ def new_run_dir(cfg: ExperimentConfig, resume: bool, echo: Echo = print) -> Path
 
 def format_round(rec: dict, domains: list[str], rounds: int) -> str:
     """One console line per round: mAP@50 per domain, total, client fates, privacy spent, seconds."""
-    maps = "  ".join(f"{d} {rec.get(f'map50/{d}', float('nan')):.3f}" for d in domains)
+    if "map50/total" in rec:
+        maps = "  ".join(f"{d} {rec.get(f'map50/{d}', float('nan')):.3f}" for d in domains)
+        maps = f"mAP@50 {maps}  total {rec['map50/total']:.3f}"
+    else:
+        maps = "(not evaluated: train.eval_every)"
     label = "warm-up" if rec["round"] == 0 else f"round {rec['round']}/{rounds}"
     extra = f"  clients {int(rec['clients/ok'])} ok" if "clients/ok" in rec else ""
     for fate in ("failed", "stragglers"):
@@ -126,7 +134,7 @@ def format_round(rec: dict, domains: list[str], rounds: int) -> str:
             extra += f" {int(rec[f'clients/{fate}'])} {fate}"
     if "privacy/epsilon" in rec:
         extra += f"  epsilon {rec['privacy/epsilon']:.3g}"
-    return f"{label:<12} mAP@50 {maps}  total {rec['map50/total']:.3f}{extra}  {rec['round_seconds']:.1f}s"
+    return f"{label:<12} {maps}{extra}  {rec['round_seconds']:.1f}s"
 
 
 def simulate(
@@ -150,6 +158,8 @@ def simulate(
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_uri(cfg.tracking.uri)
     init_ray()
+    reads = [partition.root / "partition.json"] + ([Path(weights)] if weights else [])
+    check_storage(reads, run_dir)  # every node, before any actor depends on it
     domains = list(partition.test)
     driver = DriverActor.options(num_cpus=0).remote(
         cfg.model_dump(mode="json"), str(run_dir), str(partition.root), weights, uri, resume, stop_after, pool_size

@@ -10,6 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
+from fedsim.storage import cache_dir
+
 # Ray's head probes cloud metadata at start; pointing HTTP at a closed loopback port makes
 # that probe fail locally instead of leaving the machine.
 RAY_LOOPBACK_ENV = {
@@ -27,11 +29,6 @@ ULTRALYTICS_OFFLINE_ENV = {
     "YOLO_AUTOINSTALL": "false",
     "YOLO_VERBOSE": "false",
 }
-
-
-def cache_dir() -> Path:
-    """Where generated data sets, pretrained weights and Ultralytics settings live."""
-    return Path(os.environ.get("FEDSIM_CACHE", Path.cwd() / "data" / "cache")).resolve()
 
 
 def offline_env() -> dict[str, str]:

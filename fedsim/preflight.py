@@ -37,8 +37,8 @@ from fedsim.data.formats import FORMATS, available_images, format_module
 from fedsim.data.partition import split_problems
 from fedsim.data.yolo_folder import DataError
 from fedsim.model.checkpoint import DetectorError, describe_detector
-from fedsim.offline import cache_dir
 from fedsim.runtime.resources import ProfileAssignment, known_profiles
+from fedsim.storage import cache_dir, resolve
 from fedsim.train.foundation import foundation_path
 from strategies import STRATEGIES, get, owners_of, resolve_params
 
@@ -130,9 +130,12 @@ def _check_data(cfg: ExperimentConfig, report: CheckReport) -> None:
     problems = split_problems(available, d, cfg.clients.num_clients)
     report.problems += [f"data: {p}" for p in problems]
     shard = d.client_images // max(1, -(-cfg.clients.num_clients // len(set(d.client_domains))))
+    skew = [f"label skew Dir({d.dirichlet_alpha})"] if d.partition == "dirichlet" else []
+    skew += [f"quantity skew Dir({d.quantity_alpha})"] if d.quantity_alpha is not None else []
+    sizes = f"{', '.join(skew)}: at least 1, about {shard} images on average" if skew else f"about {shard} images each"
     report.summary.append(
         f"data: {d.format}, server {d.server_images} labeled ({', '.join(d.server_domains)}), "
-        f"{cfg.clients.num_clients} clients over {', '.join(d.client_domains)} (about {shard} images each), "
+        f"{cfg.clients.num_clients} clients over {', '.join(d.client_domains)} ({sizes}), "
         f"{d.test_images} test images per domain"
     )
 
@@ -142,7 +145,7 @@ def _check_weights(cfg: ExperimentConfig, report: CheckReport) -> None:
     if m.weights is None:
         report.summary.append(f"model.weights: none ({m.arch} from random initialisation)")
         return
-    path = Path(m.weights)
+    path = resolve(m.weights)
     if m.weights == "foundation":
         path = foundation_path(
             cache_dir(), m.arch, m.pretrain_images, m.pretrain_epochs, m.pretrain_seed, cfg.data.width, cfg.data.height

@@ -15,15 +15,17 @@ from pathlib import Path
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from fedsim.storage import resolve
+
 DEFAULT_URI = "sqlite:///runs/mlflow.db"
 
 
 def resolve_uri(configured: str | None) -> str:
-    """The tracking URI to use, with a relative sqlite path made absolute (workers may chdir)."""
+    """The tracking URI to use; a relative sqlite path lives under the storage root (``fedsim/storage.py``)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(uri[len(prefix) :]).resolve()
+        path = resolve(uri[len(prefix) :])
         path.parent.mkdir(parents=True, exist_ok=True)
         uri = prefix + str(path)
     return uri

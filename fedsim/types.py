@@ -104,6 +104,7 @@ class ClientTelemetry:
     bytes_up: float = 0.0
     bytes_down: float = 0.0
     work_images: float = 0.0  # images processed, the clock's compute measure
+    node: str = ""  # the Ray node id the job ran on
 
 
 @dataclass
@@ -125,3 +126,4 @@ class ClientFailure:
     client_id: int
     round: int
     error: str
+    node: str = ""  # the Ray node id, when the actor answered

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedsim.config import ConfigError, apply_overrides, read_yaml_mapping
 from fedsim.preflight import parse
+from fedsim.storage import resolve
 from sweeps.space import Distribution, SpaceError, describe, parse_space, probe_points
 
 Mode = Literal["max", "min"]
@@ -189,11 +190,16 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SweepConfigError(f"sweep {path.name} (base {base_path.name} + overrides + space):\n{exc}") from exc
     if base_cfg.rounds < 1:
         raise SweepConfigError(f"sweep: the base config runs {base_cfg.rounds} rounds; a sweep needs at least 1")
+    if base_cfg.train.eval_every != 1:
+        raise SweepConfigError(
+            f"sweep: train.eval_every is {base_cfg.train.eval_every}; a sweep's scheduler compares trials "
+            "every round, so it needs 1"
+        )
     if spec.scheduler and spec.scheduler.max_t and spec.scheduler.max_t > base_cfg.rounds:
         raise SweepConfigError(
             f"sweep: scheduler.max_t ({spec.scheduler.max_t}) exceeds the base config's rounds ({base_cfg.rounds})"
         )
-    storage = (spec.storage or Path("runs") / "sweeps" / spec.name).expanduser().resolve()
+    storage = resolve(spec.storage or Path("runs") / "sweeps" / spec.name)
     return Sweep(
         spec=spec,
         path=path,

@@ -80,9 +80,10 @@ def test_progress_lines_mlflow_records_and_checkpoints(tiny_run):
         "round_seconds",
         "server/box_loss",
         "clients/ok",
+        *(f"phase_seconds/{p}" for p in ("clients", "aggregate", "server", "eval", "record")),
     ]:
         assert sorted(m.step for m in client.get_metric_history(run.run_id, key)) == (
-            [0, 1, 2] if key in ("round_seconds", "server/box_loss") else [1, 2]
+            [0, 1, 2] if key in ("round_seconds", "server/box_loss", "phase_seconds/record") else [1, 2]
         ), key
     assert client.get_metric_history(run.run_id, "clients/ok")[-1].value == 2
     assert client.get_metric_history(run.run_id, "bytes_up")[-1].value > 1e6  # neck + head, float32

@@ -211,9 +211,9 @@ def test_partitioning_png_prints_no_warning(tmp_path: Path, capfd: pytest.Captur
 
 def test_evaluate_scores_client_domains_at_both_resolutions(tmp_path: Path, cpu_threads) -> None:
     from fedsim.model.detector import build_detector
-    from fedsim.offline import cache_dir
     from fedsim.preflight import load
     from fedsim.runtime.server import ServerTrainer
+    from fedsim.storage import cache_dir
     from fedsim.train.evaluate import evaluate
     from fedsim.train.foundation import pretrain
     from tests.conftest import TINY

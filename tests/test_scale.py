@@ -98,3 +98,14 @@ def test_same_seed_same_run_whatever_order_the_actors_finish(local_ray, store, t
     assert {k: last_one[k] for k in deterministic} == {k: last_two[k] for k in deterministic}
     a, b = np.load(one.run_dir / "final_state.npz"), np.load(two.run_dir / "final_state.npz")
     assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_eval_every_scores_every_kth_round_and_the_last(local_ray, store, tmp_path):
+    out = simulate(tiny(*NOOP, "rounds=5", "train.eval_every=2"), tmp_path / "run", store)
+    run_id = out.records[-1]["run_id"]
+    assert len(metric_history(store, run_id, "map50/total")) == 4  # warm-up, rounds 2, 4 and 5 (the last)
+    steps = sorted(m.step for m in mlflow.tracking.MlflowClient(store).get_metric_history(run_id, "map50/total"))
+    assert steps == [0, 2, 4, 5]
+    rounds = [r for r in out.records if r["event"] == "round"]
+    assert ["phase_seconds/eval" in r for r in rounds] == [False, False, True, False, True, True]
+    assert all(r["phase_seconds/clients"] >= 0 for r in rounds[1:])

@@ -10,6 +10,7 @@ from pathlib import Path
 from fedsim.config import DataConfig
 from fedsim.data.partition import Partition, build_partition
 from fedsim.data.yolo_folder import DomainIndex, load_domain_index
+from fedsim.storage import resolve
 
 
 def config_problems(data: DataConfig) -> list[str]:
@@ -18,7 +19,8 @@ def config_problems(data: DataConfig) -> list[str]:
 
 def index(data: DataConfig) -> DomainIndex:
     """Every image validated against its label file; raises ``DataError`` when unusable."""
-    return load_domain_index(data.root, manifest=data.manifest, num_classes=len(data.classes), on_bad=data.on_bad)
+    manifest = resolve(data.manifest) if data.manifest is not None else None
+    return load_domain_index(resolve(data.root), manifest=manifest, num_classes=len(data.classes), on_bad=data.on_bad)
 
 
 def available_images(data: DataConfig) -> dict[str, dict[str, int]]:
@@ -44,6 +46,6 @@ def prepare(data: DataConfig, num_clients: int, cache_root: Path, echo: Callable
         data,
         num_clients,
         cache_root,
-        source_key=f"yolo:{Path(data.root).resolve()}:{fingerprint.hexdigest()[:12]}",
+        source_key=f"yolo:{resolve(data.root)}:{fingerprint.hexdigest()[:12]}",
         splits=found.splits,
     )

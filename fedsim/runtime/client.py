@@ -184,9 +184,15 @@ class ClientActor:
         budget_mib: float | None = None,
     ):
         self.worker = ClientWorker(cfg_dict, model_spec, full_state, threads, budget_mib)
+        self.node = ray.get_runtime_context().get_node_id()
 
     def run(self, job: ClientJob, global_state: dict) -> ClientResult | ClientFailure:
-        return self.worker.run(job, global_state)
+        out = self.worker.run(job, global_state)
+        if isinstance(out, ClientResult):
+            out.telemetry.node = self.node
+        else:
+            out.node = self.node
+        return out
 
     def ready(self) -> bool:
         return True

@@ -6,7 +6,8 @@ the next one starts, so ``--resume`` continues from the last one with identical 
 
 The client side of a round (sampling with over-selection, the actor pool, the virtual clock and
 the straggler cut) is ``rounds.ClientPhase``. Per round MLflow gets a fixed set of client figures
-(``clients/ok|failed|stragglers|selected``, ``round_sim_seconds`` beside ``round_seconds``) and one
+(``clients/ok|failed|stragglers|selected``, ``round_sim_seconds`` beside ``round_seconds``, the wall
+seconds of each phase as ``phase_seconds/clients|aggregate|server|eval|record``) and one
 artifact table, ``clients/round_NNNN.csv``, with a row per selected client (profile, fate,
 simulated and wall seconds, peak memory): per-client metric keys would be N x rounds series at
 N = 1000. A round with fewer than ``clients.min_clients`` usable results ends the run with
@@ -29,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -40,9 +42,10 @@ from fedsim.model.detector import build_detector, get_state, model_spec, set_sta
 from fedsim.privacy import enabled as privacy_enabled
 from fedsim.runtime.callbacks import Callback, Checkpointer, MlflowLogger, latest_checkpoint, load_checkpoint
 from fedsim.runtime.client import ClientActor
+from fedsim.runtime.nodes import free_per_node, on_node
 from fedsim.runtime.pool import ClientPool
 from fedsim.runtime.private import PrivateAggregate
-from fedsim.runtime.resources import ProfileAssignment, actor_options, pool_size
+from fedsim.runtime.resources import ProfileAssignment, actor_options, place_pool
 from fedsim.runtime.rounds import (
     ClientPhase,
     ShardIndex,
@@ -112,20 +115,24 @@ class Simulation:
     def _start_pool(self) -> None:
         c = self.cfg.clients
         profile = self.profiles.pool_profile()
-        n = self.fixed_pool_size or pool_size(profile, ray.available_resources(), jobs_per_round(c), c.max_actors)
+        if self.fixed_pool_size:  # a Tune trial's actors go in the bundles it reserved
+            slots: list[str | None] = [None] * self.fixed_pool_size
+        else:
+            slots = list(place_pool(profile, free_per_node(), jobs_per_round(c), c.max_actors))
         # The whole model (frozen backbone included) travels once, when the pool starts.
         noop = c.work == "noop"
         self._full_state = None if noop else ray.put(get_state(self.model, list(self.model.state_dict())))
         self._spec = None if noop else model_spec(self.model)
-        self.pool = ClientPool(self._new_actor, n)
-        self.pool_size = n
+        self.pool = ClientPool(self._new_actor, slots)
+        self.pool_size = len(slots)
         self.phase = ClientPhase(
             self.cfg, self.strategy, self.shards, self.partition.client_imgsz, self.pool, self.uplink.residual_of
         )
 
-    def _new_actor(self):
+    def _new_actor(self, node: str | None):
         profile = self.profiles.pool_profile()
-        return ClientActor.options(**actor_options(profile)).remote(
+        where = {"scheduling_strategy": on_node(node)} if node else {}
+        return ClientActor.options(**actor_options(profile), **where).remote(
             self.cfg.model_dump(mode="json"), self._spec, self._full_state, profile.threads, profile.budget_mib
         )
 
@@ -179,8 +186,12 @@ class Simulation:
     def _finish_round(self, rnd: int, metrics: dict[str, float]) -> dict[str, float]:
         metrics = {k: float(v) for k, v in metrics.items()}
         self.history.append({"round": rnd, **metrics})
+        t0 = time.perf_counter()
         self._notify("on_round_end", rnd, metrics)
-        return {"round": rnd, **metrics}
+        # The records' own cost (MLflow, checkpoint, a sweep's report) can only be logged after them.
+        record_s = time.perf_counter() - t0
+        self.tracker.log_metrics({"phase_seconds/record": record_s}, step=rnd)
+        return {"round": rnd, **metrics, "phase_seconds/record": record_s}
 
     def run(self) -> Iterator[dict]:
         try:
@@ -232,30 +243,56 @@ class Simulation:
         metrics.update(privacy_metrics)
         return merged
 
+    def _evaluates(self, rnd: int) -> bool:
+        return rnd % self.cfg.train.eval_every == 0 or rnd == self.strategy.num_rounds()
+
     def _one_round(self, rnd: int) -> dict[str, float]:
+        """Round ``rnd``'s metrics, with the wall time of each phase as ``phase_seconds/<phase>``."""
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
+        clock = PhaseClock(metrics)
         if self.strategy.uses_clients:
             global_state = self.state()
-            outcome = self.phase.run(rnd, global_state)
+            with clock("clients"):
+                outcome = self.phase.run(rnd, global_state)
             for f in outcome.failures:
                 print(f"round {rnd}: client {f.client_id} failed: {f.error.splitlines()[0]}", flush=True)
             write_client_rows(self.client_table(rnd), client_rows(outcome, self.profiles))
             check_quorum(outcome, self.cfg.clients.min_clients)
-            self.uplink.receive(outcome.kept, global_state)
-            set_state(self.model, self._aggregate(global_state, outcome.kept, rnd, metrics))
+            with clock("aggregate"):
+                self.uplink.receive(outcome.kept, global_state)
+                set_state(self.model, self._aggregate(global_state, outcome.kept, rnd, metrics))
             metrics.update(round_metrics(outcome, state_nbytes(global_state)))
             metrics.update(self.strategy.round_metrics(outcome.kept, self.shards))
             metrics.update(pseudo_label_metrics(outcome.kept, self.shards))
             outcome.release_updates()  # before the server epoch, which needs the memory more
-        self.strategy.begin_training(self.model)
-        plan = self.strategy.server_plan(rnd)
-        server_losses = self.server.train_epochs(self.cfg.train.server_epochs, rnd, plan)
-        server_losses.update(self.strategy.server_metrics(self.model))
+        with clock("server"):
+            self.strategy.begin_training(self.model)
+            plan = self.strategy.server_plan(rnd)
+            server_losses = self.server.train_epochs(self.cfg.train.server_epochs, rnd, plan)
+            server_losses.update(self.strategy.server_metrics(self.model))
         metrics.update({f"server/{k}": v for k, v in server_losses.items()})
-        metrics.update(self.server.evaluate())
+        if self._evaluates(rnd):
+            with clock("eval"):
+                metrics.update(self.server.evaluate())
         metrics["round_seconds"] = time.perf_counter() - t0
         return metrics
+
+
+class PhaseClock:
+    """``with clock("server"): ...`` adds that block's wall seconds to ``metrics["phase_seconds/server"]``."""
+
+    def __init__(self, metrics: dict[str, float]):
+        self.metrics = metrics
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"phase_seconds/{phase}"
+            self.metrics[key] = self.metrics.get(key, 0.0) + time.perf_counter() - t0
 
 
 @ray.remote(max_restarts=0)

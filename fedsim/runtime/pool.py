@@ -28,12 +28,15 @@ Outcome = ClientResult | ClientFailure
 
 
 class ClientPool:
-    def __init__(self, new_actor: Callable[[], Any], size: int):
+    """``slots``: where each actor goes, a node id (``nodes.place_pool``) or None (Ray decides)."""
+
+    def __init__(self, new_actor: Callable[[str | None], Any], slots: list[str | None]):
         self._new_actor = new_actor
-        self._actors = [new_actor() for _ in range(size)]
+        self._actors = [new_actor(node) for node in slots]
         ray.get([a.ready.remote() for a in self._actors])
         self._pool = ActorPool(list(self._actors))
-        self.size = size
+        self.size = len(slots)
+        self.nodes = sorted({n for n in slots if n})
         self.replaced = 0  # actors that died and were replaced, over the run
 
     def run(self, jobs: list[ClientJob], state_ref: ray.ObjectRef) -> list[Outcome]:
@@ -46,9 +49,10 @@ class ClientPool:
             try:
                 outcomes.append(self._pool.get_next_unordered())
             except ray.exceptions.RayActorError as exc:
-                # ActorPool keeps a dead actor out of its idle set; a fresh one takes its place.
+                # ActorPool keeps a dead actor out of its idle set; a fresh one takes its place
+                # wherever there is room (its node may be the one that went away).
                 died.append(str(exc).splitlines()[0])
-                fresh = self._new_actor()
+                fresh = self._new_actor(None)
                 self._actors.append(fresh)
                 self._pool.push(fresh)
                 self.replaced += 1

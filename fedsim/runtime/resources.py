@@ -99,16 +99,39 @@ def actor_options(profile: DeviceProfile) -> dict:
     }
 
 
-def pool_size(profile: DeviceProfile, resources: dict[str, float], wanted: int, cap: int | None = None) -> int:
-    """Actors that fit in ``resources`` (``ray.available_resources()``), at most ``wanted``/``cap``."""
+def _fits(profile: DeviceProfile, resources: dict[str, float]) -> int:
+    """How many actors of ``profile`` fit in ``resources``."""
     fits = [math.floor(resources.get("CPU", 0) / profile.num_cpus)] if profile.num_cpus else []
     if profile.num_gpus:
         fits.append(math.floor(resources.get("GPU", 0) / profile.num_gpus))
     fits.append(math.floor(resources.get("memory", float("inf")) / (profile.memory_gib * 2**30)))
-    n = min([wanted, *(f for f in fits)] + ([cap] if cap else []))
-    if n < 1:
-        raise RuntimeError(
-            f"no client actor fits: profile needs {profile.num_cpus} CPU, {profile.num_gpus} GPU, "
-            f"{profile.memory_gib} GiB; cluster has {resources}"
-        )
-    return n
+    return max(0, min(fits))
+
+
+def _none_fits(profile: DeviceProfile, resources: object) -> RuntimeError:
+    return RuntimeError(
+        f"no client actor fits: profile needs {profile.num_cpus} CPU, {profile.num_gpus} GPU, "
+        f"{profile.memory_gib} GiB; cluster has {resources}"
+    )
+
+
+def place_pool(
+    profile: DeviceProfile, per_node: dict[str, dict[str, float]], wanted: int, cap: int | None = None
+) -> list[str]:
+    """A node id per pool actor: each node holds at most what fits in its own free resources.
+
+    Sized per node because an actor is placed on one node: cluster-wide totals would count two
+    half-free nodes as one whole one. Actors are dealt one node at a time (the nodes in id order),
+    so a pool smaller than the cluster still spreads over every node that has room.
+    """
+    room = {node: _fits(profile, free) for node, free in sorted(per_node.items())}
+    target = min([wanted, sum(room.values())] + ([cap] if cap else []))
+    if target < 1:
+        raise _none_fits(profile, per_node)
+    slots: list[str] = []
+    while len(slots) < target:
+        for node, left in room.items():
+            if left and len(slots) < target:
+                slots.append(node)
+                room[node] = left - 1
+    return slots

@@ -10,6 +10,9 @@ drops them when it ends. Client ids at or beyond the partition's shards reuse sh
 ``id % #shards`` (and that shard's domain), so N = 1000 virtual clients need not render 1000
 shards of images; a ``work: noop`` client never opens its shard at all.
 
+Availability. With ``clients.availability < 1`` each round first draws its online clients
+(``online_clients``, from (seed, round)) and samples among them only.
+
 Determinism. The sample is drawn from ``default_rng([seed, round])``: the strategy picks its
 ``m`` clients, over-selection then adds ``ceil(m * over_selection) - m`` more from the same
 generator. Job seeds depend on (seed, round, client) only; the clock uses work measures, not
@@ -105,10 +108,38 @@ def jobs_per_round(clients: Any) -> int:
     return over_selected(clients.per_round, clients.over_selection, clients.num_clients)
 
 
+# Seeds the online draws apart from the sample's generator: availability 1.0 samples as before.
+ONLINE_STREAM = 7
+MAX_ONLINE_DRAWS = 1000
+
+
+def online_clients(seed: int, rnd: int, num_clients: int, availability: float, need: int) -> list[int]:
+    """Round ``rnd``'s online clients: each with probability ``availability``, from (seed, round).
+
+    While fewer than ``need`` are online the set is drawn again (a later moment of the round's wait
+    on the virtual clock, not charged), from (seed, round, attempt); O(N) per round.
+    """
+    for attempt in range(MAX_ONLINE_DRAWS):
+        draw = np.random.default_rng([seed, rnd, ONLINE_STREAM, attempt]).random(num_clients)
+        online = np.flatnonzero(draw < availability)
+        if len(online) >= need:
+            return [int(x) for x in online]
+    raise TooFewClients(
+        f"round {rnd}: fewer than clients.min_clients={need} of {num_clients} clients online in "
+        f"{MAX_ONLINE_DRAWS} draws at clients.availability={availability}"
+    )
+
+
 def sample_clients(strategy: Any, cfg: Any, rnd: int) -> tuple[list[int], int]:
-    """(selected client ids, m): the strategy's m clients plus the over-selected extras, sorted."""
+    """(selected client ids, m): the strategy's m clients plus the over-selected extras, sorted.
+
+    With ``clients.availability < 1`` the m clients (and the extras) are drawn uniformly among the
+    round's online clients instead (all of them when fewer are online than m).
+    """
     c = cfg.clients
     rng = np.random.default_rng([cfg.seed, rnd])
+    if c.availability < 1.0:
+        return _sample_online(cfg, rnd, rng)
     primary = [int(x) for x in strategy.sample_clients(rnd, c.num_clients, rng)]
     wanted = len(primary)
     extra = over_selected(wanted, c.over_selection, c.num_clients) - wanted
@@ -120,6 +151,15 @@ def sample_clients(strategy: Any, cfg: Any, rnd: int) -> tuple[list[int], int]:
         while len(taken) < wanted + extra:  # rejection keeps memory O(selected), not O(N)
             taken.add(int(rng.integers(c.num_clients)))
     return sorted(taken), wanted
+
+
+def _sample_online(cfg: Any, rnd: int, rng: np.random.Generator) -> tuple[list[int], int]:
+    c = cfg.clients
+    online = online_clients(cfg.seed, rnd, c.num_clients, c.availability, c.min_clients)
+    wanted = min(c.per_round, len(online))
+    size = min(len(online), over_selected(wanted, c.over_selection, c.num_clients))
+    picked = rng.choice(len(online), size=size, replace=False)
+    return sorted(online[int(i)] for i in picked), wanted
 
 
 class ClientPhase:
@@ -251,6 +291,7 @@ CLIENT_COLUMNS = [
     "wall_seconds",
     "peak_mem_mib",
     "num_samples",
+    "node",
     "error",
 ]
 
@@ -260,6 +301,7 @@ def client_rows(outcome: RoundOutcome, profiles: ProfileAssignment) -> list[dict
     status = {r.client_id: ("ok", r) for r in outcome.kept}
     status.update({r.client_id: ("straggler", r) for r in outcome.stragglers})
     errors = {f.client_id: f.error.splitlines()[0] if f.error else "" for f in outcome.failures}
+    failed_on = {f.client_id: f.node for f in outcome.failures}
     rows = []
     for job in outcome.jobs:
         cid = job.client_id
@@ -278,6 +320,7 @@ def client_rows(outcome: RoundOutcome, profiles: ProfileAssignment) -> list[dict
                 "wall_seconds": round(tel.seconds, 4) if tel else "",
                 "peak_mem_mib": round(tel.peak_mem_mib, 1) if tel else "",
                 "num_samples": result.num_samples if result else "",
+                "node": tel.node if tel else failed_on.get(cid, ""),
                 "error": errors.get(cid, ""),
             }
         )
