@@ -247,6 +247,10 @@ class TrainConfig(Section):
     ema_momentum: float = Field(0.99, ge=0, lt=1)  # client teacher, reset from the received model each job
     conf_thres: float = Field(0.4, gt=0, lt=1)  # pseudo-label confidence threshold (FedSTO's tau2)
     ignore_thres: float | None = Field(0.1, ge=0, lt=1)  # scores in [this, conf_thres): no class loss (tau1)
+    # Class targets where the teacher drew no pseudo-box: "band": 0, except no loss in the uncertain
+    # band [ignore_thres, conf_thres); "soft": the teacher's own score (an object it missed at the
+    # threshold is not taught as background; dense distillation of the class scores).
+    negatives: Literal["band", "soft"] = "band"
     nms_iou: float = Field(0.65, gt=0, lt=1)
     # Client objective: unsup_weight * (pseudo-label loss per image) + the method's extra terms
     # (FedProx, FedSTO, MoE balance) at their nominal coefficients. AdamW is invariant to the scale
@@ -278,7 +282,7 @@ class TrainConfig(Section):
         return data
 
 
-_TRAIN_OMITTED_AT_DEFAULT = {"eval_every": 1}  # as _OMITTED_AT_DEFAULT
+_TRAIN_OMITTED_AT_DEFAULT = {"negatives": "band", "eval_every": 1}  # as _OMITTED_AT_DEFAULT
 
 
 class CompressionConfig(Section):

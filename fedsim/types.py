@@ -44,6 +44,7 @@ class ClientPlan:
     unsup_weight: float
     freeze_bn: bool  # keep the received BatchNorm statistics
     strong_scale: tuple[float, float] | None = None  # the student's strong view's zoom range; None: weak view
+    negatives: str = "band"  # class targets off the pseudo-boxes: "band" (0, uncertain band ignored) | "soft"
 
 
 @dataclass(frozen=True)

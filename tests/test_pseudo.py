@@ -60,6 +60,23 @@ def test_uncertain_teacher_scores_carry_no_background_loss():
     assert unsure_but_assigned[0, 0, 1] > 0
 
 
+def test_soft_negatives_take_the_teachers_score_off_the_boxes():
+    from fedsim.train.pseudo import SoftNegativeBCE, class_criterion
+
+    teacher = torch.tensor([[[0.05, 0.3, 0.9]]])
+    pred = torch.tensor([[[0.0, 2.0, -1.0]]])  # logits: sigmoid 0.5, 0.88, 0.27
+    target = torch.tensor([[[0.0, 0.0, 0.8]]])  # only the third element has a pseudo-box
+    loss = SoftNegativeBCE(teacher)(pred, target)
+    p = torch.sigmoid(pred)[0, 0]
+    by_hand = [-(t * torch.log(q) + (1 - t) * torch.log(1 - q)) for t, q in zip([0.05, 0.3, 0.8], p, strict=True)]
+    torch.testing.assert_close(loss[0, 0], torch.stack(by_hand))
+    # a student that matches the teacher off the boxes pays only the targets' own entropy there
+    at_teacher = SoftNegativeBCE(teacher)(torch.logit(teacher), torch.zeros_like(teacher))
+    assert at_teacher[0, 0, 1] < SoftNegativeBCE(teacher)(torch.zeros_like(teacher), torch.zeros_like(teacher))[0, 0, 1]
+    assert isinstance(class_criterion(teacher, "soft", 0.1, 0.5), SoftNegativeBCE)
+    assert class_criterion(teacher, "band", None, 0.5) is None
+
+
 @pytest.mark.parametrize(
     "params",
     [Affine(1.0, (16.0, 8.0), False), Affine(1.0, (-8.0, 8.0), True), Affine(2.0, (8.0, 0.0), True), Affine(0.5)],

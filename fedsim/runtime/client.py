@@ -145,6 +145,7 @@ class ClientWorker:
                     seed=job.seed + 7919 * epoch,
                     unsup_weight=plan.unsup_weight,
                     ignore_thres=plan.ignore_thres,
+                    negatives=plan.negatives,
                     freeze_bn=plan.freeze_bn,
                     strong=strong,
                     extra_loss=partial(self.strategy.client_loss_terms, received=received, rnd=job.round),

@@ -60,6 +60,31 @@ class IgnoreUncertainBCE(nn.Module):
         return loss * ~(self.uncertain & (target <= 0))
 
 
+class SoftNegativeBCE(nn.Module):
+    """``BCEWithLogits`` per element whose target, where no pseudo-box was assigned, is the teacher's score.
+
+    A missed object (teacher score under the threshold but well above zero) is then not taught as
+    background; true background (teacher near 0) still is. Assigned locations keep their target.
+    """
+
+    def __init__(self, teacher_scores: torch.Tensor):
+        super().__init__()
+        self.teacher_scores = teacher_scores  # (B, anchors, nc), in [0, 1]
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        soft = torch.where(target > 0, target, self.teacher_scores.to(target.dtype))
+        return nn.functional.binary_cross_entropy_with_logits(pred, soft, reduction="none")
+
+
+def class_criterion(scores: torch.Tensor, negatives: str, ignore_thres: float | None, conf_thres: float):
+    """The element-wise class loss for one batch (None: Ultralytics' own plain BCE)."""
+    if negatives == "soft":
+        return SoftNegativeBCE(scores)
+    if ignore_thres is not None and ignore_thres < conf_thres:
+        return IgnoreUncertainBCE(scores, ignore_thres, conf_thres)
+    return None
+
+
 @torch.no_grad()
 def teacher_predict(teacher: nn.Module, img: torch.Tensor) -> torch.Tensor:
     """Decoded teacher output ``(B, 4 + nc, anchors)``: xywh pixels, then class scores in [0, 1]."""
@@ -147,6 +172,7 @@ def unsupervised_epoch(
     extra_loss: ExtraLoss | None = None,
     device: torch.device = CPU,
     ignore_thres: float | None = 0.1,
+    negatives: str = "band",
     freeze_bn: bool = True,
     strong: StrongAugment | None = None,
 ) -> dict[str, float]:
@@ -162,6 +188,7 @@ def unsupervised_epoch(
     ``pseudo_precision``, ``pseudo_recall``, ``pseudo_iou`` and their counts.
 
     ``ignore_thres``: lower edge of the uncertain band (None: every unlabeled location is background).
+    ``negatives``: ``"band"`` (that band) or ``"soft"`` (the teacher's scores as targets off the boxes).
     ``freeze_bn``: keep BatchNorm statistics as received. Low-res, shifted client batches would
     otherwise rewrite the running statistics the server's high-res images are normalised with.
     """
@@ -194,8 +221,7 @@ def unsupervised_epoch(
         criterion = student.criterion if getattr(student, "criterion", None) else student.init_criterion()
         student.criterion = criterion
         plain_bce = criterion.bce
-        if ignore_thres is not None and ignore_thres < conf_thres:
-            criterion.bce = IgnoreUncertainBCE(scores, ignore_thres, conf_thres)
+        criterion.bce = class_criterion(scores, negatives, ignore_thres, conf_thres) or plain_bce
         try:
             loss, items = student.loss(batch)
         finally:
