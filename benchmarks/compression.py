@@ -145,6 +145,14 @@ def tree_dirty() -> bool:
     return bool(out.stdout.strip())
 
 
+# The code a benchmark runs is the tree's when it starts (later commits do not change it).
+START_COMMIT = ""
+
+
+def commit_stamp() -> str:
+    return START_COMMIT or f"{git_commit()}{' (with uncommitted changes)' if tree_dirty() else ''}"
+
+
 def foundation_stamp(cfg: ExperimentConfig) -> str:
     path = prepare_weights(cfg)
     if path is None:
@@ -186,6 +194,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", type=Path, help="directory for table.md (default: print only)")
     args = ap.parse_args()
+    global START_COMMIT
+    START_COMMIT = commit_stamp()
     cfg = load(args.config, [f"rounds={args.rounds}", *args.set])
     names = [n.strip() for n in (args.strategies or cfg.strategy.name).split(",") if n.strip()]
     codecs = ["none", *(c for c in CODECS if c != "none" and c in args.codecs.split(","))]
@@ -217,7 +227,7 @@ def write_table(out: Path, cfg: ExperimentConfig, names: list[str], results: dic
         f"# Uplink compression on {cfg.name} ({', '.join(names)}; {cfg.rounds} rounds, seed {cfg.seed})",
         "",
         f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])}`",
-        f"- commit: {git_commit()}{' (with uncommitted changes)' if tree_dirty() else ''}",
+        f"- commit: {commit_stamp()} (at the start of the benchmark)",
         f"- foundation checkpoint: {foundation_stamp(cfg)}",
         f"- topk_fraction {codec_config(cfg, 'topk').topk_fraction}; bytes = the payload arrays' nbytes;"
         " Δ = final mAP@50 (total) minus the same strategy's `none` run (one seed: not a significance test)",

@@ -105,6 +105,14 @@ def tree_dirty() -> bool:
     return bool(out.stdout.strip())
 
 
+# The code a benchmark runs is the tree's when it starts (later commits do not change it).
+START_COMMIT = ""
+
+
+def commit_stamp() -> str:
+    return START_COMMIT or f"{git_commit()}{' (with uncommitted changes)' if tree_dirty() else ''}"
+
+
 def foundation_stamp(cfg: ExperimentConfig) -> str:
     path = prepare_weights(cfg)
     if path is None:
@@ -121,6 +129,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", type=Path, help="directory for table.md (default: print only)")
     args = ap.parse_args()
+    global START_COMMIT
+    START_COMMIT = commit_stamp()
 
     base = load(args.config, [*args.set, "privacy.clip_norm=null", "privacy.noise_multiplier=0"])
     q = sampling_rate(base.clients.per_round, base.clients.num_clients)
@@ -199,7 +209,7 @@ def write_table(
         f"# Client-level DP-FedAvg on {base.name} ({base.strategy.name}, seed {base.seed})",
         "",
         f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])}`",
-        f"- commit: {git_commit()}{' (with uncommitted changes)' if tree_dirty() else ''}",
+        f"- commit: {commit_stamp()} (at the start of the benchmark)",
         f"- foundation checkpoint: {foundation_stamp(base)}",
         f"- population: N={base.clients.num_clients} clients, m={base.clients.per_round} per round (q={q:g}),"
         f" {base.rounds} rounds, δ={base.privacy.delta:g}; σ calibrated per target with `calibrate_noise`"
