@@ -40,6 +40,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def without_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``data`` less the fields that equal their ``defaults`` (see ``_OMITTED_AT_DEFAULT``)."""
+    return {k: v for k, v in data.items() if k not in defaults or v != defaults[k]}
+
+
 class DataConfig(Section):
     format: str = "synthetic"  # a name in fedsim/data/formats.py FORMATS
     root: Path | None = None  # yolo: <root>/<domain>/{images,labels}
@@ -68,11 +73,8 @@ class DataConfig(Section):
 
     @model_serializer(mode="wrap")
     def _omit_population_at_default(self, handler) -> dict[str, Any]:
-        data = handler(self)  # added later: configs that leave them keep their key()
-        for key, default in (("partition", "iid"), ("dirichlet_alpha", 0.5), ("quantity_alpha", None)):
-            if key in data and data[key] == default:
-                del data[key]
-        return data
+        # added later: configs that leave them keep their key()
+        return without_defaults(handler(self), {"partition": "iid", "dirichlet_alpha": 0.5, "quantity_alpha": None})
 
     @field_validator("test_images", mode="before")
     @classmethod
@@ -222,11 +224,7 @@ class ClientsConfig(Section):
 
     @model_serializer(mode="wrap")
     def _omit_defaults_of_new_fields(self, handler) -> dict[str, Any]:
-        data = handler(self)
-        for key, default in _OMITTED_AT_DEFAULT.items():
-            if key in data and data[key] == default:
-                del data[key]
-        return data
+        return without_defaults(handler(self), _OMITTED_AT_DEFAULT)
 
 
 class StrategyConfig(Section):
@@ -275,14 +273,7 @@ class TrainConfig(Section):
 
     @model_serializer(mode="wrap")
     def _omit_defaults_of_new_fields(self, handler) -> dict[str, Any]:
-        data = handler(self)
-        for key, default in _TRAIN_OMITTED_AT_DEFAULT.items():
-            if key in data and data[key] == default:
-                del data[key]
-        return data
-
-
-_TRAIN_OMITTED_AT_DEFAULT = {"negatives": "band", "eval_every": 1}  # as _OMITTED_AT_DEFAULT
+        return without_defaults(handler(self), {"negatives": "band", "eval_every": 1})
 
 
 class CompressionConfig(Section):
