@@ -36,7 +36,6 @@ class ClientPool:
         ray.get([a.ready.remote() for a in self._actors])
         self._pool = ActorPool(list(self._actors))
         self.size = len(slots)
-        self.nodes = sorted({n for n in slots if n})
         self.replaced = 0  # actors that died and were replaced, over the run
 
     def run(self, jobs: list[ClientJob], state_ref: ray.ObjectRef) -> list[Outcome]:
