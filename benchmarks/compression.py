@@ -31,11 +31,7 @@ Last line per strategy: ``<strategy> bytes ratio vs none: fp16=X int8/tensor=Y i
 from __future__ import annotations
 
 import argparse
-import hashlib
-import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +41,7 @@ import fedsim  # noqa: F401  (offline environment before Ray and Ultralytics)
 # isort: split
 import numpy as np
 import ray
+from provenance import command_line, start_commit, weights_stamp
 
 from fedsim.compression import decode_deltas, encode, is_float
 from fedsim.config import CompressionConfig, ExperimentConfig, apply_overrides
@@ -55,7 +52,6 @@ from fedsim.runtime.client import ClientWorker
 from fedsim.runtime.driver import Simulation
 from fedsim.runtime.rounds import ShardIndex
 from fedsim.table import variant
-from fedsim.tracking import git_commit
 from fedsim.types import ClientJob, ClientResult
 from strategies import build as build_strategy
 
@@ -140,27 +136,6 @@ def engine_runs(cfg: ExperimentConfig, workdir: Path, codecs: list[str]) -> dict
     return out
 
 
-def tree_dirty() -> bool:
-    out = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=False)
-    return bool(out.stdout.strip())
-
-
-# The code a benchmark runs is the tree's when it starts (later commits do not change it).
-START_COMMIT = ""
-
-
-def commit_stamp() -> str:
-    return START_COMMIT or f"{git_commit()}{' (with uncommitted changes)' if tree_dirty() else ''}"
-
-
-def foundation_stamp(cfg: ExperimentConfig) -> str:
-    path = prepare_weights(cfg)
-    if path is None:
-        return "none (random initialisation)"
-    digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
-    return f"{Path(path).name}:{digest}"  # as runs tag it (``weights``: name:sha1)
-
-
 def table(results: dict[str, tuple[dict, dict]]) -> list[str]:
     """One row per (strategy, codec); ``results[strategy] = (errors, runs)``."""
     lines = [
@@ -194,8 +169,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", type=Path, help="directory for table.md (default: print only)")
     args = ap.parse_args()
-    global START_COMMIT
-    START_COMMIT = commit_stamp()
+    start_commit()  # the tree as it starts
     cfg = load(args.config, [f"rounds={args.rounds}", *args.set])
     names = [n.strip() for n in (args.strategies or cfg.strategy.name).split(",") if n.strip()]
     codecs = ["none", *(c for c in CODECS if c != "none" and c in args.codecs.split(","))]
@@ -226,9 +200,9 @@ def write_table(out: Path, cfg: ExperimentConfig, names: list[str], results: dic
     stamp = [
         f"# Uplink compression on {cfg.name} ({', '.join(names)}; {cfg.rounds} rounds, seed {cfg.seed})",
         "",
-        f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])}`",
-        f"- commit: {commit_stamp()} (at the start of the benchmark)",
-        f"- foundation checkpoint: {foundation_stamp(cfg)}",
+        f"- command: `{command_line()}`",
+        f"- commit: {start_commit()} (at the start of the benchmark)",
+        f"- foundation checkpoint: {weights_stamp(cfg)}",
         f"- topk_fraction {codec_config(cfg, 'topk').topk_fraction}; bytes = the payload arrays' nbytes;"
         " Δ = final mAP@50 (total) minus the same strategy's `none` run (one seed: not a significance test)",
         *([f"- incomplete: {', '.join(missing)} not run yet"] if missing else []),

@@ -26,11 +26,7 @@ foundation checkpoint (``name:sha1``, as runs tag it).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +36,7 @@ import fedsim  # noqa: F401  (offline environment before Ray and Ultralytics)
 # isort: split
 import numpy as np
 import ray
+from provenance import command_line, start_commit, weights_stamp
 
 from fedsim.config import ExperimentConfig, apply_overrides
 from fedsim.experiment import init_ray, prepare_data, prepare_weights
@@ -50,7 +47,6 @@ from fedsim.runtime.client import ClientWorker
 from fedsim.runtime.driver import Simulation
 from fedsim.runtime.private import privatised_keys
 from fedsim.runtime.rounds import ShardIndex
-from fedsim.tracking import git_commit
 from fedsim.types import ClientJob, ClientResult
 from strategies import build as build_strategy
 
@@ -100,26 +96,6 @@ def run(
     }
 
 
-def tree_dirty() -> bool:
-    out = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=False)
-    return bool(out.stdout.strip())
-
-
-# The code a benchmark runs is the tree's when it starts (later commits do not change it).
-START_COMMIT = ""
-
-
-def commit_stamp() -> str:
-    return START_COMMIT or f"{git_commit()}{' (with uncommitted changes)' if tree_dirty() else ''}"
-
-
-def foundation_stamp(cfg: ExperimentConfig) -> str:
-    path = prepare_weights(cfg)
-    if path is None:
-        return "none (random initialisation)"
-    return f"{Path(path).name}:{hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/synth_dp.yaml")
@@ -129,8 +105,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", type=Path, help="directory for table.md (default: print only)")
     args = ap.parse_args()
-    global START_COMMIT
-    START_COMMIT = commit_stamp()
+    start_commit()  # the tree as it starts
 
     base = load(args.config, [*args.set, "privacy.clip_norm=null", "privacy.noise_multiplier=0"])
     q = sampling_rate(base.clients.per_round, base.clients.num_clients)
@@ -208,9 +183,9 @@ def write_table(
     stamp = [
         f"# Client-level DP-FedAvg on {base.name} ({base.strategy.name}, seed {base.seed})",
         "",
-        f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])}`",
-        f"- commit: {commit_stamp()} (at the start of the benchmark)",
-        f"- foundation checkpoint: {foundation_stamp(base)}",
+        f"- command: `{command_line()}`",
+        f"- commit: {start_commit()} (at the start of the benchmark)",
+        f"- foundation checkpoint: {weights_stamp(base)}",
         f"- population: N={base.clients.num_clients} clients, m={base.clients.per_round} per round (q={q:g}),"
         f" {base.rounds} rounds, δ={base.privacy.delta:g}; σ calibrated per target with `calibrate_noise`"
         " (dp_accounting, RDP)",
