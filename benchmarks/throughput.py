@@ -40,7 +40,7 @@ import ray
 
 from fedsim.config import ExperimentConfig
 from fedsim.experiment import init_ray, prepare_data, prepare_weights
-from fedsim.model.detector import build_detector, get_state, model_spec, set_state
+from fedsim.model.detector import build_detector, get_state, model_spec
 from fedsim.preflight import load
 from fedsim.runtime.client import ClientWorker
 from fedsim.runtime.driver import Simulation
@@ -103,7 +103,6 @@ def sequential_side(cfg: ExperimentConfig) -> tuple[float, int, dict]:
         state = strategy.aggregate(state, kept, rnd)
         seconds += time.perf_counter() - t0
         count += len(kept)
-    set_state(model, state)
     return seconds, count, state
 
 
