@@ -109,3 +109,29 @@ def test_routing_mutual_information_against_hand_values():
     # p = [[.4, .1], [.1, .4]]: I = 2 * (.4 log2(.4/.25) + .1 log2(.1/.25))
     expected = 2 * (0.4 * np.log2(0.4 / 0.25) + 0.1 * np.log2(0.1 / 0.25))
     assert mutual_information(np.array([[40.0, 10.0], [10.0, 40.0]])) == pytest.approx(expected)
+
+
+def test_routing_mi_spans_rounds_that_each_hold_one_domain():
+    """At r = 0.33 every round trains one domain; the figure must still see domains that route apart."""
+    from fedsim.types import ClientResult
+    from strategies.fedmox import FedMox, FedMoxParams
+
+    def result(client: int, counts: list[float]) -> ClientResult:
+        return ClientResult(client, 1, {}, 10, metrics={f"routing/count_{e}": c for e, c in enumerate(counts)})
+
+    domains = {0: "rainy", 1: "snowy"}
+    strategy = FedMox(FedMoxParams(num_experts=2), None)
+    first = strategy.round_metrics([result(0, [30.0, 0.0])], domains)
+    assert first["routing/mi_bits"] == pytest.approx(0.0) and first["routing/rainy/expert_0"] == 1.0
+    second = strategy.round_metrics([result(1, [0.0, 5.0])], domains)
+    # rainy's last shares [1, 0] and snowy's [0, 1], weighted equally: log2(2 domains) bits
+    assert second["routing/mi_bits"] == pytest.approx(1.0) and second["routing/domains_seen"] == 2
+
+    resumed = FedMox(FedMoxParams(num_experts=2), None)
+    resumed.load_state_dict(strategy.state_dict())
+    third = [s.round_metrics([result(0, [10.0, 10.0])], domains) for s in (strategy, resumed)]
+    assert third[0] == third[1]
+    # rainy now [.5, .5], snowy [0, 1]: p = [[.25, .25], [0, .5]]
+    p, col = np.array([0.25, 0.25, 0.5]), np.array([0.25, 0.75, 0.75])  # joint cells > 0, their column sums
+    expected = float((p * np.log2(p / (0.5 * col))).sum())
+    assert third[0]["routing/mi_bits"] == pytest.approx(expected)
