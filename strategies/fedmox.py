@@ -40,6 +40,11 @@ class FedMoxParams(BaseModel):
     expert_depth: int = Field(2, ge=1, le=2)
 
 
+def _routing_counts(result: ClientResult, num_experts: int) -> np.ndarray:
+    """Locations a client routed to each expert, as its ``client_metrics`` reported them."""
+    return np.array([result.metrics.get(f"routing/count_{e}", 0.0) for e in range(num_experts)])
+
+
 def _expert_keys(state: State) -> list[str]:
     return [k for k in state if "_experts." in k]
 
@@ -105,7 +110,7 @@ class FedMox(Strategy):
 
     def _usage_weighted_experts(self, global_state: State, results: list[ClientResult]) -> State:
         k = self.params.num_experts
-        usage = np.array([[r.metrics.get(f"routing/count_{e}", 0.0) for e in range(k)] for r in results])
+        usage = np.array([_routing_counts(r, k) for r in results])
         share = usage / np.maximum(usage.sum(1, keepdims=True), 1)
         weights = share * np.array([r.num_samples for r in results], float)[:, None]  # (clients, K)
         out: State = {}
@@ -131,7 +136,7 @@ class FedMox(Strategy):
         k = self.params.num_experts
         per_domain: dict[str, np.ndarray] = {}
         for r in results:
-            counts = np.array([r.metrics.get(f"routing/count_{e}", 0.0) for e in range(k)])
+            counts = _routing_counts(r, k)
             per_domain[domains[r.client_id]] = per_domain.get(domains[r.client_id], 0) + counts
         out = {}
         for domain, counts in per_domain.items():
