@@ -8,6 +8,7 @@
   backbone: the upper bound PSSFL cannot reach. Each holder's images train at their own
   resolution (every batch comes from one of them), as they would in FL and as they are tested:
   upscaling the clients' low-res images to the server's size teaches objects at the wrong scale.
+  Only the server's batches set BatchNorm statistics, as in FL (``ResolutionGroups``).
 """
 
 from __future__ import annotations

@@ -122,3 +122,27 @@ def test_oracle_trains_every_holder_at_its_own_resolution(shard):
     assert len(seen) == len(set(seen)) == server_only + clients  # each labeled image once per epoch
     (hi,), (lo,) = shapes["server"], shapes["clients"]
     assert max(hi) == part.server_imgsz and max(lo) == part.client_imgsz < part.server_imgsz
+
+
+def test_oracle_batchnorm_statistics_follow_the_server_batches_only(shard, cpu_threads):
+    from fedsim.runtime.server import ServerTrainer
+    from fedsim.train.supervised import make_optimizer, supervised_epoch
+
+    cfg, part = shard
+    torch.manual_seed(0)
+    model = strategy("oracle").build_model(build_detector(cfg.model.arch, cfg.data.classes))
+    server = ServerTrainer(model, part, cfg)
+    labeled = server.dataset(strategy("oracle").server_plan(0))
+    batches = list(make_loader(labeled, cfg.train.batch, shuffle=True, seed=3))
+
+    def neck_stats() -> torch.Tensor:
+        return torch.cat([m.running_mean for m in model.model[-2].modules() if isinstance(m, torch.nn.BatchNorm2d)])
+
+    optimizer = make_optimizer(model, 1e-3, 0.0)
+    for group in (1, 0):
+        before = neck_stats().clone()
+        chosen = [b for b in batches if set(b["group"]) == {group}]
+        assert chosen
+        supervised_epoch(model, chosen, optimizer, seed=0, scale=None)
+        moved = not torch.equal(before, neck_stats())
+        assert moved == (group == 0)  # the clients' low-res batches train weights, not statistics

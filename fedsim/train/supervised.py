@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from ultralytics.cfg import get_cfg
 from ultralytics.data.dataset import YOLODataset
 
-from fedsim.model.detector import train_mode
+from fedsim.model.detector import freeze_batchnorm_stats, train_mode
 from fedsim.train.augment import StrongAugment, photometric_batch, scale_jitter
 
 CPU = torch.device("cpu")
@@ -55,7 +56,17 @@ def build_dataset(images: str | Path | list[str], imgsz: int, names: list[str], 
 class ResolutionGroups(ConcatDataset):
     """Labeled sets trained together, each at its own resolution (e.g. the server's high-res set
     and the clients' low-res ones): ``make_loader`` draws every batch from a single set, so no
-    image is rescaled to another holder's size."""
+    image is rescaled to another holder's size.
+
+    Only the first set's batches update BatchNorm running statistics (``supervised_epoch`` reads
+    each batch's ``group``): the others keep them as they are, as FL clients keep the statistics
+    they receive. Otherwise the many low-res client batches set the statistics the first set's
+    high-res images are tested with, and the last few batches of an epoch decide them.
+    """
+
+    def __getitem__(self, idx: int) -> dict:
+        group = bisect.bisect_right(self.cumulative_sizes, idx)
+        return {**super().__getitem__(idx), "group": group}
 
     def collate_fn(self, batch: list[dict]) -> dict:
         return self.datasets[0].collate_fn(batch)
@@ -156,13 +167,16 @@ def supervised_epoch(
 
     Every batch is flipped at random; with ``scale`` it is also resized by a random factor in that
     range (so the server's high-res labels also teach the clients' low resolution) and each image's
-    colours, sharpness and noise are jittered (``SERVER_PHOTOMETRIC``).
+    colours, sharpness and noise are jittered (``SERVER_PHOTOMETRIC``). A batch from a
+    ``ResolutionGroups`` set other than the first leaves BatchNorm statistics unchanged.
     """
-    train_mode(model, frozen_backbone)
     generator = torch.Generator().manual_seed(seed)
     sums = np.zeros(4)
     steps = 0
     for batch in loader:
+        train_mode(model, frozen_backbone)
+        if any(batch.get("group", ())):
+            freeze_batchnorm_stats(model)
         batch = random_hflip(to_float(batch, device), generator)
         if scale is not None:
             batch = scale_jitter(batch, generator, *scale)
