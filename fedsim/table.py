@@ -102,6 +102,9 @@ def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
         raise errors[0]
 
 
+PLATFORM_SEP = " || "  # a platform stamp holds commas and semicolons itself
+
+
 def build_table(
     uri: str,
     experiment: str,
@@ -131,6 +134,8 @@ def build_table(
         row["commit"] = ",".join(sorted({str(c)[:7] for c in commits}))
         weights = group["tags.weights"].dropna() if "tags.weights" in group else []
         row["weights"] = ",".join(sorted({str(w) for w in weights}))
+        platforms = group["tags.platform"].dropna() if "tags.platform" in group else []
+        row["platform"] = PLATFORM_SEP.join(sorted({str(p) for p in platforms}))
         scored = group[group["metrics.map50/total"].notna()]
         totals[label] = scored["metrics.map50/total"].astype(float).set_axis(scored["tags.seed"].astype(int)).to_dict()
         rows.append(row)
@@ -150,7 +155,8 @@ def build_table(
 
 def write_table(table: pd.DataFrame, out: Path, domains: list[str], title: str, command: str | None = None) -> str:
     """``table.csv`` and ``table.md`` under ``out``; the markdown names the command that made it, and
-    each row its runs' commits and starting weights (file name and content hash)."""
+    each row its runs' commits and starting weights (file name and content hash), and the table the
+    platforms (CPU and numeric packages) its runs ran on."""
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)
     deltas = [c for c in table.columns if c.startswith("Δ total vs ")]
@@ -162,6 +168,9 @@ def write_table(table: pd.DataFrame, out: Path, domains: list[str], title: str, 
     if deltas:
         note += "; Δ: paired difference in total mAP@50 over the seeds both rows ran, mean [95% Student-t CI]"
     made_by = f"Produced by `{command}`, from the MLflow records.\n\n" if command else ""
-    markdown = f"### {title}\n\n{made_by}{note}\n\n{header}{body}"
+    stamps = table["platform"] if "platform" in table.columns else []
+    platforms = sorted({p for cell in stamps if cell for p in str(cell).split(PLATFORM_SEP)})
+    ran_on = "".join(f"Ran on: {p}\n\n" for p in platforms)
+    markdown = f"### {title}\n\n{made_by}{ran_on}{note}\n\n{header}{body}"
     (out / "table.md").write_text(markdown)
     return markdown

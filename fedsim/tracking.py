@@ -7,7 +7,9 @@ dies keeps its finished rounds.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 import subprocess
 import time
 from pathlib import Path
@@ -39,6 +41,36 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+# The packages whose versions change a run's numbers: training and metrics (torch, ultralytics),
+# and the synthetic images' rendering and JPEG encoding (opencv, numpy).
+_NUMERIC_PACKAGES = ("torch", "ultralytics", "opencv-python", "numpy")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def platform_stamp() -> str:
+    """Where a run's figures came from beyond its commit and weights: CPU and numeric packages.
+
+    The same commit and seed give the same figures on one machine; another CPU or another OpenCV
+    build changes the synthetic images, the foundation checkpoint and so every figure."""
+    versions = []
+    for name in _NUMERIC_PACKAGES:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} absent")
+    return f"{cpu_model()}; " + ", ".join(versions)
 
 
 def default_artifact_location(uri: str, experiment: str) -> str | None:

@@ -1,4 +1,5 @@
 import csv
+from importlib.metadata import version
 
 import mlflow
 
@@ -49,3 +50,5 @@ def test_table_runs_missing_pairs_once_and_reads_mlflow(tmp_path):
             assert abs(float(row[f"{domain}_mean"]) - run[f"metrics.map50/{domain}"]) < 1e-9
     md = (tmp_path / "out" / "table.md").read_text()
     assert "| strategy | cloudy | rainy | snowy | total | seeds |" in md and "server_only" in md
+    stamp = runs["tags.platform"].iloc[0]
+    assert f"Ran on: {stamp}\n" in md and f"torch {version('torch')}" in stamp

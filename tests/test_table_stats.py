@@ -13,6 +13,7 @@ FEDAVG = {0: 0.50, 1: 0.52, 2: 0.47}
 SERVER = {0: 0.48, 1: 0.49, 2: 0.46}
 COMMIT_A, COMMIT_B = "abcdef0123456789abcdef0123456789abcdef01", "1234567890abcdef1234567890abcdef12345678"
 DELTA = "Δ total vs server_only (95% CI)"
+PLATFORMS = ["Xeon A; torch 2.14.1, opencv-python 5.1", "Xeon B; torch 2.14.1, opencv-python 5.0"]
 
 
 @pytest.fixture
@@ -35,6 +36,7 @@ def fake_runs(monkeypatch, variants):
                     "tags.strategy": label,
                     "tags.seed": str(seed),
                     "tags.git_commit": commit,
+                    "tags.platform": PLATFORMS[seed % 2] if commit else None,
                     **{f"metrics.map50/{d}": total + 0.01 * i for i, d in enumerate(DOMAINS)},
                     "metrics.map50/total": total,
                 }
@@ -65,6 +67,10 @@ def test_delta_column_is_the_paired_difference_by_seed(fake_runs, variants, tmp_
     assert f"| strategy | cloudy | rainy | snowy | total | {DELTA} | seeds | commit |" in md
     assert "| 0.497 ± 0.021 | +0.020 [-0.005, +0.045] | 0,1,2 | 1234567,abcdef0 |" in md
     assert (tmp_path / "table.md").read_text() == md
+    assert table.loc["server_only", "platform"] == " || ".join(sorted(PLATFORMS))
+    assert table.loc["fedprox", "platform"] == ""
+    for stamp in PLATFORMS:  # each distinct platform once, whole, in the header
+        assert md.count(f"Ran on: {stamp}\n") == 1
     assert pd.read_csv(tmp_path / "table.csv", keep_default_na=False)[DELTA].tolist() == ["reference", expected, "n/a"]
 
 

@@ -59,7 +59,7 @@ from fedsim.runtime.rounds import (
 )
 from fedsim.runtime.server import ServerTrainer
 from fedsim.runtime.uplink import Uplink
-from fedsim.tracking import Tracker, git_commit
+from fedsim.tracking import Tracker, git_commit, platform_stamp
 from fedsim.types import ClientResult, State
 from strategies import build as build_strategy
 
@@ -142,6 +142,7 @@ class Simulation:
             "strategy": cfg.strategy.name,
             "seed": str(cfg.seed),
             "git_commit": git_commit(),
+            "platform": platform_stamp(),
             "config_key": cfg.key(),
             "weights": self.weights_tag,
             "run_dir": str(self.run_dir),
