@@ -41,7 +41,7 @@ import fedsim  # noqa: F401  (offline environment before Ray and Ultralytics)
 # isort: split
 import numpy as np
 import ray
-from provenance import command_line, start_commit, weights_stamp
+from provenance import command_line, platform_stamp, start_commit, weights_stamp
 
 from fedsim.compression import decode_deltas, encode, is_float
 from fedsim.config import CompressionConfig, ExperimentConfig, apply_overrides
@@ -203,6 +203,7 @@ def write_table(out: Path, cfg: ExperimentConfig, names: list[str], results: dic
         f"- command: `{command_line()}`",
         f"- commit: {start_commit()} (at the start of the benchmark)",
         f"- foundation checkpoint: {weights_stamp(cfg)}",
+        f"- platform: {platform_stamp()}",
         f"- topk_fraction {codec_config(cfg, 'topk').topk_fraction}; bytes = the payload arrays' nbytes;"
         " Δ = final mAP@50 (total) minus the same strategy's `none` run (one seed: not a significance test)",
         *([f"- incomplete: {', '.join(missing)} not run yet"] if missing else []),

@@ -36,7 +36,7 @@ import fedsim  # noqa: F401  (offline environment before Ray and Ultralytics)
 # isort: split
 import numpy as np
 import ray
-from provenance import command_line, start_commit, weights_stamp
+from provenance import command_line, platform_stamp, start_commit, weights_stamp
 
 from fedsim.config import ExperimentConfig, apply_overrides
 from fedsim.experiment import init_ray, prepare_data, prepare_weights
@@ -186,6 +186,7 @@ def write_table(
         f"- command: `{command_line()}`",
         f"- commit: {start_commit()} (at the start of the benchmark)",
         f"- foundation checkpoint: {weights_stamp(base)}",
+        f"- platform: {platform_stamp()}",
         f"- population: N={base.clients.num_clients} clients, m={base.clients.per_round} per round (q={q:g}),"
         f" {base.rounds} rounds, δ={base.privacy.delta:g}; σ calibrated per target with `calibrate_noise`"
         " (dp_accounting, RDP)",

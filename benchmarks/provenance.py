@@ -1,4 +1,4 @@
-"""What a benchmark's table says about where its figures came from: command, code and weights."""
+"""What a benchmark's table says about where its figures came from: command, code, weights, platform."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 from fedsim.config import ExperimentConfig
 from fedsim.experiment import prepare_weights
 from fedsim.runtime.driver import weights_fingerprint
-from fedsim.tracking import git_commit
+from fedsim.tracking import git_commit, platform_stamp
+
+__all__ = ["command_line", "platform_stamp", "start_commit", "weights_stamp"]
 
 
 def command_line() -> str:
