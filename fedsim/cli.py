@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument(
         "--strategies",
         required=True,
-        help="e.g. server_only,fedavg,fedmox; with params: 'fedavg;fedmox:alpha=0,num_experts=4' (then ; separates)",
+        help="e.g. server_only,fedavg,fedmox; with params: 'fedavg;fedmox:alpha=0,num_experts=4' (then ; "
+        "separates); a dotted key overrides the config for that row: 'server_only;fedavg:train.conf_thres=0.4'",
     )
     table.add_argument("--seeds", type=int, default=5, help="seeds 0..n-1 per strategy (paired across rows)")
     table.add_argument("--out", required=True)

@@ -17,7 +17,7 @@ import pandas as pd
 import ray
 import yaml
 
-from fedsim.config import ConfigError, ExperimentConfig
+from fedsim.config import ConfigError, ExperimentConfig, apply_overrides
 from fedsim.experiment import earlier_run_dir, init_ray, prepare_data, prepare_weights, simulate
 from fedsim.preflight import check_or_raise, parse
 from fedsim.stats import format_diff, paired_difference
@@ -26,14 +26,23 @@ from fedsim.stats import format_diff, paired_difference
 def variant(cfg: ExperimentConfig, spec: str, seed: int) -> ExperimentConfig:
     """``spec`` is a strategy name, optionally with params: ``fedmox:alpha=0,num_experts=2``.
 
-    The base config's own params are kept when ``spec`` names its strategy without params."""
+    A dotted key is a config override, as ``--set`` takes it, for this row only:
+    ``fedavg:train.conf_thres=0.4`` (so one table can hold a threshold sweep). The base config's
+    own strategy params are kept when ``spec`` names its strategy without strategy params."""
     name, _, params = spec.partition(":")
+    items = [item.strip() for item in params.split(",") if item.strip()]
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"fedsim: config error: --strategies {spec!r}: expected key=value, got {item!r}")
+    overrides = [item for item in items if "." in item.partition("=")[0]]
+    own = [item for item in items if item not in overrides]
     raw = cfg.model_dump(mode="json")
-    if raw["strategy"]["name"] != name or params:
+    if raw["strategy"]["name"] != name or own:
         raw["strategy"] = {"name": name, "params": {}}
-    for item in filter(None, params.split(",")):
+    for item in own:
         key, _, value = item.partition("=")
         raw["strategy"]["params"][key.strip()] = yaml.safe_load(value)
+    raw = apply_overrides(raw, overrides)
     raw["seed"] = seed
     return parse(raw)
 

@@ -3,6 +3,7 @@ import pytest
 
 import fedsim.table
 from fedsim.cli import main
+from fedsim.config import ConfigError
 from fedsim.preflight import load
 from fedsim.stats import format_diff, paired_difference
 from fedsim.table import build_table, variants_of, write_table
@@ -91,3 +92,23 @@ def test_cli_rejects_a_reference_outside_the_strategies_before_running(tmp_path,
     assert code == 2
     assert "--reference 'fedmox' is not one of --strategies: server_only, fedavg" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_row_spec_with_a_dotted_key_overrides_that_rows_config_only():
+    base = load(str(TINY), [], [])
+    rows = variants_of(base, "fedavg;fedavg:train.conf_thres=0.4;fedmox:alpha=0,train.client_lr=1e-4", 2)
+    plain, strict, mox = (rows[label] for label in rows)
+    assert [c.train.conf_thres for c in plain] == [base.train.conf_thres] * 2
+    assert [c.train.conf_thres for c in strict] == [0.4, 0.4]
+    assert [c.seed for c in strict] == [0, 1]
+    assert mox[0].strategy.params == {"alpha": 0} and mox[0].train.client_lr == 1e-4
+    assert mox[0].train.conf_thres == base.train.conf_thres
+    # Each row is its own (config, seed): MLflow tells the threshold rows apart by their key.
+    assert len({c.key() for cfgs in rows.values() for c in cfgs}) == 6
+
+
+def test_a_row_spec_with_an_unknown_config_key_is_a_config_error():
+    with pytest.raises(ConfigError, match="conf_thresh"):
+        variants_of(load(str(TINY), [], []), "fedavg;fedavg:train.conf_thresh=0.4", 1)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        variants_of(load(str(TINY), [], []), "fedavg;fedmox:alpha", 1)
