@@ -9,6 +9,7 @@ checkpoint, so an interrupted table loses no finished round.
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from fedsim.experiment import earlier_run_dir, init_ray, prepare_data, prepare_w
 from fedsim.preflight import check_or_raise, parse
 from fedsim.stats import format_diff, paired_difference
 
+_TOP_LEVEL_COMMA = re.compile(r",(?![^\[]*\])")  # a comma outside [...]: a list value stays whole
+
 
 def variant(cfg: ExperimentConfig, spec: str, seed: int) -> ExperimentConfig:
     """``spec`` is a strategy name, optionally with params: ``fedmox:alpha=0,num_experts=2``.
@@ -30,7 +33,7 @@ def variant(cfg: ExperimentConfig, spec: str, seed: int) -> ExperimentConfig:
     ``fedavg:train.conf_thres=0.4`` (so one table can hold a threshold sweep). The base config's
     own strategy params are kept when ``spec`` names its strategy without strategy params."""
     name, _, params = spec.partition(":")
-    items = [item.strip() for item in params.split(",") if item.strip()]
+    items = [item.strip() for item in _TOP_LEVEL_COMMA.split(params) if item.strip()]
     for item in items:
         if "=" not in item:
             raise ConfigError(f"fedsim: config error: --strategies {spec!r}: expected key=value, got {item!r}")
@@ -49,7 +52,7 @@ def variant(cfg: ExperimentConfig, spec: str, seed: int) -> ExperimentConfig:
 
 def variants_of(base: ExperimentConfig, strategies: str, seeds: int) -> dict[str, list[ExperimentConfig]]:
     """``--strategies`` (comma-separated, or ``;``-separated when specs carry params) x seeds 0..n-1."""
-    specs = [s.strip() for s in strategies.split(";" if ";" in strategies else ",")]
+    specs = [s.strip() for s in (strategies.split(";") if ";" in strategies else _TOP_LEVEL_COMMA.split(strategies))]
     try:
         return {spec: [variant(base, spec, seed) for seed in range(seeds)] for spec in specs}
     except ConfigError:

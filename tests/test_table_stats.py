@@ -105,6 +105,12 @@ def test_a_row_spec_with_a_dotted_key_overrides_that_rows_config_only():
     assert mox[0].train.conf_thres == base.train.conf_thres
     # Each row is its own (config, seed): MLflow tells the threshold rows apart by their key.
     assert len({c.key() for cfgs in rows.values() for c in cfgs}) == 6
+    # A list value keeps its commas, with ';' or ',' between the specs.
+    zoom = "fedavg:train.strong_scale=[0.5,1.0],train.conf_thres=0.3"
+    both = variants_of(base, f"fedavg;{zoom}", 1)[zoom][0]
+    assert (both.train.strong_scale, both.train.conf_thres) == ((0.5, 1.0), 0.3)
+    alone = variants_of(base, "server_only,fedavg:train.strong_scale=[0.5,1.0]", 1)
+    assert alone["fedavg:train.strong_scale=[0.5,1.0]"][0].train.strong_scale == (0.5, 1.0)
 
 
 def test_a_row_spec_with_an_unknown_config_key_is_a_config_error():
