@@ -16,7 +16,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import ray
-import yaml
 
 from fedsim.config import ConfigError, ExperimentConfig, apply_overrides
 from fedsim.experiment import earlier_run_dir, init_ray, prepare_data, prepare_weights, simulate
@@ -37,15 +36,12 @@ def variant(cfg: ExperimentConfig, spec: str, seed: int) -> ExperimentConfig:
     for item in items:
         if "=" not in item:
             raise ConfigError(f"fedsim: config error: --strategies {spec!r}: expected key=value, got {item!r}")
-    overrides = [item for item in items if "." in item.partition("=")[0]]
-    own = [item for item in items if item not in overrides]
+    own = [item for item in items if "." not in item.partition("=")[0]]
     raw = cfg.model_dump(mode="json")
     if raw["strategy"]["name"] != name or own:
         raw["strategy"] = {"name": name, "params": {}}
-    for item in own:
-        key, _, value = item.partition("=")
-        raw["strategy"]["params"][key.strip()] = yaml.safe_load(value)
-    raw = apply_overrides(raw, overrides)
+    # Strategy params are overrides under strategy.params: values are read as --set reads them.
+    raw = apply_overrides(raw, [f"strategy.params.{item}" if item in own else item for item in items])
     raw["seed"] = seed
     return parse(raw)
 

@@ -103,6 +103,8 @@ def test_a_row_spec_with_a_dotted_key_overrides_that_rows_config_only():
     assert [c.seed for c in strict] == [0, 1]
     assert mox[0].strategy.params == {"alpha": 0} and mox[0].train.client_lr == 1e-4
     assert mox[0].train.conf_thres == base.train.conf_thres
+    # Strategy params are read as --set reads values: 1e-3 is a number, not YAML 1.1's string.
+    assert variants_of(base, "fedprox:mu=1e-3", 1)["fedprox:mu=1e-3"][0].strategy.params == {"mu": 1e-3}
     # Each row is its own (config, seed): MLflow tells the threshold rows apart by their key.
     assert len({c.key() for cfgs in rows.values() for c in cfgs}) == 6
     # A list value keeps its commas, with ';' or ',' between the specs.
