@@ -7,6 +7,12 @@
 - ``aggregate`` is Soft-Mixture: ``w_mix = alpha * w_t + (1 - alpha) * FedAvg(clients)`` over every
   exchanged float tensor (neck, experts, routers); integer buffers are copied. alpha = 0 is FedAvg,
   alpha = 1 ignores the clients. The server's supervised epoch follows (base ``server_update``).
+- Optional resolution routing (``route_by: resolution``): the router is also trained to send every
+  location of a low-resolution input (narrower than the geometric mean of the server's and the
+  clients' widths) to the second half of the experts, and of a high-resolution one to the first
+  half, with weight ``route_coef``. The server's scale-jittered batches fall on both sides, the
+  clients' always on the low side, so the server's epoch and the clients' pseudo-labels stop
+  pulling the same experts; at test time the learned router alone decides.
 - Optional expert-usage weighting: each expert's slice is averaged with client weights
   ``n_i * share of locations client i routed to that expert``, so an expert a client never used is
   not pulled toward that client's untouched copy.
@@ -18,12 +24,19 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from fedsim.config import ExperimentConfig
 from fedsim.model.detector import freeze_backbone
-from fedsim.model.moe import calibrate_model_routers, convert_to_moe, moe_aux_loss, moe_head
+from fedsim.model.moe import (
+    MoEDetect,
+    calibrate_model_routers,
+    convert_to_moe,
+    group_routing_loss,
+    moe_aux_loss,
+    moe_head,
+)
 from fedsim.types import ClientResult, ServerPlan, State
 from strategies.base import Strategy, mix
 
@@ -38,6 +51,14 @@ class FedMoxParams(BaseModel):
     usage_weighting: bool = False
     # 1: experts are the last 1x1 projections behind shared 3x3 stems; 2: the last 3x3 conv too.
     expert_depth: int = Field(2, ge=1, le=2)
+    route_by: Literal["none", "resolution"] = "none"
+    route_coef: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _groups_need_two_experts(self) -> FedMoxParams:
+        if self.route_by != "none" and self.num_experts < 2:
+            raise ValueError(f"route_by={self.route_by!r} splits the experts into two groups: needs num_experts >= 2")
+        return self
 
 
 def _routing_counts(result: ClientResult, num_experts: int) -> np.ndarray:
@@ -83,14 +104,33 @@ class FedMox(Strategy):
                     model.eval()(img)
 
     def server_plan(self, rnd: int) -> ServerPlan:
-        return ServerPlan(extra_loss=self.extra_loss if self.params.balance_coef > 0 else None)
+        return ServerPlan(extra_loss=self.extra_loss if self._has_extra_loss else None)
+
+    @property
+    def _has_extra_loss(self) -> bool:
+        return self.params.balance_coef > 0 or (self.params.route_by != "none" and self.params.route_coef > 0)
+
+    def resolution_group(self, head: MoEDetect) -> list[int]:
+        """The experts the last forward's input should route to: the first half for inputs at least
+        as wide as the geometric mean of the server's and clients' widths, the second half otherwise."""
+        k = self.params.num_experts
+        width = head.last_expert_index[0].shape[-1] * float(head.stride[0])
+        low = width < self.cfg.data.width * self.cfg.data.client_scale**0.5
+        return list(range(k // 2, k)) if low else list(range(k // 2))
 
     def server_metrics(self, model: nn.Module) -> dict[str, float]:
         fractions = moe_head(model).routing_fractions().tolist()
         return {f"routing/expert_{k}": f for k, f in enumerate(fractions)}
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        return moe_aux_loss(model) if self.params.balance_coef > 0 else None
+        p = self.params
+        if not self._has_extra_loss:
+            return None
+        loss = moe_aux_loss(model) if p.balance_coef > 0 else torch.zeros(())
+        if p.route_by == "resolution" and p.route_coef > 0:
+            head = moe_head(model)
+            loss = loss + p.route_coef * group_routing_loss(head, self.resolution_group(head))
+        return loss
 
     def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:
         return self.extra_loss(model)
@@ -146,6 +186,8 @@ class FedMox(Strategy):
             self._latest_shares[domain] = shares.tolist()
             for e, share in enumerate(shares):
                 out[f"routing/{domain}/expert_{e}"] = float(share)
+            if self.params.route_by == "resolution":  # the clients' inputs are low-res: the second half
+                out[f"routing/{domain}/low_group"] = float(shares[k // 2 :].sum())
         if self._latest_shares:
             out["routing/mi_bits"] = mutual_information(np.array(list(self._latest_shares.values())))
             out["routing/domains_seen"] = float(len(self._latest_shares))

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+import torch
 
 from fedsim.config import ExperimentConfig
-from fedsim.model.detector import build_detector, is_backbone_key, trainable_keys
+from fedsim.model.detector import build_detector, is_backbone_key, train_mode, trainable_keys
 from fedsim.model.moe import moe_head
 from fedsim.preflight import load
 from fedsim.types import ClientResult
@@ -135,3 +136,45 @@ def test_routing_mi_spans_rounds_that_each_hold_one_domain():
     p, col = np.array([0.25, 0.25, 0.5]), np.array([0.25, 0.75, 0.75])  # joint cells > 0, their column sums
     expected = float((p * np.log2(p / (0.5 * col))).sum())
     assert third[0]["routing/mi_bits"] == pytest.approx(expected)
+
+
+def test_resolution_routing_sends_low_res_inputs_to_the_second_half_of_the_experts(cpu_threads):
+    cfg = load(TINY, ["strategy.name=fedmox", "strategy.params.route_by=resolution", "strategy.params.route_coef=1.0"])
+    strategy = build(cfg)
+    model = strategy.build_model(build_detector(cfg.model.arch, cfg.data.classes))
+    head = moe_head(model)
+    high = (cfg.data.height, cfg.data.width)
+    low = (round(cfg.data.height * cfg.data.client_scale), round(cfg.data.width * cfg.data.client_scale))
+    gen = torch.Generator().manual_seed(0)
+    images = {hw: torch.rand(2, 3, *hw, generator=gen) for hw in (high, low)}
+
+    def low_share(hw) -> float:  # in training mode: the neck's BatchNorm normalises with batch statistics
+        with torch.no_grad():
+            train_mode(model)
+            model(images[hw])
+        counts = head.last_routing_counts
+        return float(counts[2:].sum() / counts.sum())
+
+    before = abs(low_share(low) - low_share(high))
+    train_mode(model)
+    model(images[low])
+    assert strategy.resolution_group(head) == [2, 3]
+    model(images[high])
+    assert strategy.resolution_group(head) == [0, 1]
+
+    routers = [p for n, p in model.named_parameters() if "routers" in n]
+    optimizer = torch.optim.Adam(routers, lr=0.05)
+    for _ in range(80):
+        for hw in (high, low):
+            train_mode(model)
+            model(images[hw])
+            optimizer.zero_grad()
+            strategy.extra_loss(model).backward()
+            optimizer.step()
+    # Before training both resolutions route alike; after it, each goes to its own half.
+    assert before < 0.5 and low_share(low) > 0.9 and low_share(high) < 0.2
+
+
+def test_resolution_routing_needs_two_experts():
+    with pytest.raises(ValueError, match="num_experts >= 2"):
+        fedmox(num_experts=1, route_by="resolution")

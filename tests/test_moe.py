@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 
 import pytest
@@ -17,7 +18,7 @@ from fedsim.model.detector import (
     train_mode,
     trainable_keys,
 )
-from fedsim.model.moe import GlobalRouterMoEDetect, MoEDetect, convert_to_moe, moe_aux_loss
+from fedsim.model.moe import GlobalRouterMoEDetect, MoEDetect, convert_to_moe, group_routing_loss, moe_aux_loss
 
 torch.set_num_threads(1)
 
@@ -264,6 +265,33 @@ def test_balance_term():
     collapsed = float(head.aux_loss.detach())
     assert collapsed == pytest.approx(0.1 * K, rel=1e-3)
     assert collapsed > spread + 0.1
+
+
+def test_group_routing_loss_against_hand_values():
+    model = _model(calibrate=False)
+    head = model.model[-1]
+    with pytest.raises(ValueError, match="forward pass first"):
+        group_routing_loss(head, [0])
+    # Two levels by hand: level 0 has one location with logits (0, 0, ln 2, ln 2): p = (1, 1, 2, 2) / 6,
+    # so group {2, 3} holds 4/6 and group {0} 1/6; level 1 puts almost everything on expert 0.
+    head.last_router_logits = [
+        torch.tensor([[0.0, 0.0, math.log(2.0), math.log(2.0)]]),
+        torch.tensor([[60.0, 0.0, 0.0, 0.0], [60.0, 0.0, 0.0, 0.0]]),
+    ]
+    high, low = group_routing_loss(head, [0]), group_routing_loss(head, [2, 3])
+    assert float(high) == pytest.approx((-math.log(1 / 6) + 0.0) / 2, abs=1e-6)
+    assert float(low) == pytest.approx((-math.log(4 / 6) + 60.0 - math.log(2.0)) / 2, abs=1e-4)
+
+
+def test_group_routing_loss_trains_the_router_alone():
+    model = _model()
+    head = model.model[-1]
+    train_mode(model)
+    model(_images(HW_SMALL))
+    group_routing_loss(head, [2, 3]).backward()
+    assert all(r.weight.grad.abs().sum() > 0 for r in head.routers)
+    assert all(e.weight.grad is None for e in head.box_experts)
+    assert all(e.weight.grad is None for e in head.cls_experts)
 
 
 def test_routing_statistics_accumulate_and_reset():

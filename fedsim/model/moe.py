@@ -46,7 +46,14 @@ from ultralytics.nn.modules.conv import Conv, DWConv
 from ultralytics.nn.modules.head import Detect
 
 # Transient per-forward results, kept out of pickles and deep copies (they may hold autograd graphs).
-_TRANSIENT = ("_aux_loss", "last_routing_counts", "last_level_counts", "last_expert_index", "last_balance")
+_TRANSIENT = (
+    "_aux_loss",
+    "last_routing_counts",
+    "last_level_counts",
+    "last_expert_index",
+    "last_balance",
+    "last_router_logits",
+)
 
 
 class PointwiseExperts(nn.Module):
@@ -238,6 +245,7 @@ class MoEDetect(Detect):
         self.last_routing_counts = torch.zeros(self.num_experts, dtype=torch.long)
         self.last_level_counts = torch.zeros(len(self.box_experts), self.num_experts, dtype=torch.long)
         self.last_expert_index: list[torch.Tensor] = []  # per level, (B, H_i, W_i)
+        self.last_router_logits: list[torch.Tensor] = []  # per level, (B*H_i*W_i, K), with their graph
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -274,11 +282,12 @@ class MoEDetect(Detect):
         k = self.num_experts
         logits_per_level = self.router_logits(x)
         boxes, scores, indices, level_counts = [], [], [], []
-        prob_sums = []
+        prob_sums, logits_list = [], []
         for i in range(self.nl):
             sb, sc = box_head[i](x[i]), cls_head[i](x[i])
             h, w = sb.shape[2:]
             logits = logits_per_level[i].movedim(1, -1).reshape(-1, k)
+            logits_list.append(logits)
             index = logits.argmax(dim=1)
             probs = logits.softmax(dim=1)
             experts = [self.box_experts[i], self.cls_experts[i]]
@@ -292,6 +301,7 @@ class MoEDetect(Detect):
             level_counts.append(sizes)
             prob_sums.append(probs.sum(dim=0))
         self._record(indices, level_counts, prob_sums)
+        self.last_router_logits = logits_list
         return {"boxes": torch.cat(boxes, dim=-1), "scores": torch.cat(scores, dim=-1), "feats": x}
 
     def _record(
@@ -492,6 +502,19 @@ def calibrate_model_routers(model: nn.Module, images: torch.Tensor) -> None:
             mod.training = mode
         head.routing_counts = counts
     head.calibrate_routers(feats[0])
+
+
+def group_routing_loss(head: MoEDetect, group: list[int]) -> torch.Tensor:
+    """Cross-entropy of routing into ``group`` (a set of expert indices) for the last forward.
+
+    Per location, ``-log sum_{k in group} softmax(logits)_k``, averaged over the locations of each
+    level and then over levels. It is 0 when the router puts all probability inside the group, and
+    it trains the router alone: the experts' outputs do not enter it.
+    """
+    if not head.last_router_logits:
+        raise ValueError("group_routing_loss needs a forward pass first")
+    losses = [-torch.logsumexp(logits.log_softmax(dim=1)[:, group], dim=1).mean() for logits in head.last_router_logits]
+    return torch.stack(losses).mean()
 
 
 def moe_head(model: nn.Module) -> MoEDetect | None:
