@@ -107,8 +107,12 @@ class FedMox(Strategy):
         return ServerPlan(extra_loss=self.extra_loss if self._has_extra_loss else None)
 
     @property
+    def _routes_by_resolution(self) -> bool:
+        return self.params.route_by == "resolution" and self.params.route_coef > 0
+
+    @property
     def _has_extra_loss(self) -> bool:
-        return self.params.balance_coef > 0 or (self.params.route_by != "none" and self.params.route_coef > 0)
+        return self.params.balance_coef > 0 or self._routes_by_resolution
 
     def resolution_group(self, head: MoEDetect) -> list[int]:
         """The experts the last forward's input should route to: the first half for inputs at least
@@ -127,7 +131,7 @@ class FedMox(Strategy):
         if not self._has_extra_loss:
             return None
         loss = moe_aux_loss(model) if p.balance_coef > 0 else torch.zeros(())
-        if p.route_by == "resolution" and p.route_coef > 0:
+        if self._routes_by_resolution:
             head = moe_head(model)
             loss = loss + p.route_coef * group_routing_loss(head, self.resolution_group(head))
         return loss
