@@ -249,6 +249,10 @@ class TrainConfig(Section):
     # band [ignore_thres, conf_thres); "soft": the teacher's own score (an object it missed at the
     # threshold is not taught as background; dense distillation of the class scores).
     negatives: Literal["band", "soft"] = "band"
+    # Pseudo-boxes under this teacher confidence teach their class but no box regression (CIoU, DFL):
+    # confidence says little about where a box's edges are. None: every pseudo-box teaches both;
+    # 1.0: none does (classification-only pseudo-labels, as Unbiased Teacher).
+    box_thres: float | None = Field(None, gt=0, le=1)
     nms_iou: float = Field(0.65, gt=0, lt=1)
     # Client objective: unsup_weight * (pseudo-label loss per image) + the method's extra terms
     # (FedProx, FedSTO, MoE balance) at their nominal coefficients. AdamW is invariant to the scale
@@ -273,7 +277,7 @@ class TrainConfig(Section):
 
     @model_serializer(mode="wrap")
     def _omit_defaults_of_new_fields(self, handler) -> dict[str, Any]:
-        return without_defaults(handler(self), {"negatives": "band", "eval_every": 1})
+        return without_defaults(handler(self), {"negatives": "band", "eval_every": 1, "box_thres": None})
 
 
 class CompressionConfig(Section):

@@ -45,6 +45,7 @@ class ClientPlan:
     freeze_bn: bool  # keep the received BatchNorm statistics
     strong_scale: tuple[float, float] | None = None  # the student's strong view's zoom range; None: weak view
     negatives: str = "band"  # class targets off the pseudo-boxes: "band" (0, uncertain band ignored) | "soft"
+    box_thres: float | None = None  # pseudo-boxes under this confidence teach no box regression
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ class Strategy:
             freeze_bn=t.client_bn_stats == "frozen",
             strong_scale=tuple(t.strong_scale) if t.student_view == "strong" else None,
             negatives=t.negatives,
+            box_thres=t.box_thres,
         )
 
     def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:

@@ -97,3 +97,53 @@ def test_teacher_scores_follow_the_strong_views_geometry(params):
     cells = (xs.min().item() * 8, (xs.max().item() + 1) * 8, ys.min().item() * 8, (ys.max().item() + 1) * 8)
     # nearest-neighbour sampling of an 8-px grid: edges agree to half a cell
     assert cells == pytest.approx((max(0, x - bw / 2), x + bw / 2, max(0, y - bh / 2), y + bh / 2), abs=4)
+
+
+def test_unconfident_pseudo_boxes_lose_their_anchors_for_box_regression_only():
+    from fedsim.train.pseudo import ReliableBoxAssigner
+
+    # image 0 holds boxes at 0.9 and 0.3, image 1 one at 0.6; 4 anchors per image
+    batch = {"batch_idx": torch.tensor([0.0, 0.0, 1.0]), "conf": torch.tensor([0.9, 0.3, 0.6])}
+    gt_idx = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0]])
+    fg = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    labels, boxes, scores = torch.zeros(2, 4), torch.ones(2, 4, 4), torch.rand(2, 4, 3)
+    gate = ReliableBoxAssigner(lambda: (labels, boxes, scores, fg, gt_idx), batch, batch_size=2, box_thres=0.5)
+    out = gate()
+    assert out[3].tolist() == [[True, False, False, True], [True, False, True, True]]
+    assert out[2] is scores and out[4] is gt_idx  # class targets untouched
+    none_reliable = ReliableBoxAssigner(lambda: (labels, boxes, scores, fg, gt_idx), batch, 2, box_thres=0.95)()
+    assert not none_reliable[3].any()
+    empty = {"batch_idx": torch.zeros(0), "conf": torch.zeros(0)}
+    assert ReliableBoxAssigner(lambda: (labels, boxes, scores, fg, gt_idx), empty, 2, 0.5)()[3] is fg
+
+
+def test_box_threshold_removes_the_box_losses_and_keeps_the_class_loss():
+    from fedsim.model.detector import build_detector, train_mode
+    from fedsim.train.pseudo import ReliableBoxAssigner
+
+    torch.manual_seed(0)
+    model = train_mode(build_detector("yolov8n.yaml", ["car", "person"]))
+    criterion = model.init_criterion()
+    model.criterion = criterion
+    batch = {
+        "img": torch.rand(2, 3, 64, 96),
+        "batch_idx": torch.tensor([0.0, 1.0]),
+        "cls": torch.tensor([[0.0], [1.0]]),
+        "bboxes": torch.tensor([[0.3, 0.4, 0.3, 0.4], [0.6, 0.5, 0.4, 0.3]]),
+        "conf": torch.tensor([0.35, 0.8]),
+    }
+    plain = criterion.assigner
+
+    def items(box_thres):
+        criterion.assigner = plain if box_thres is None else ReliableBoxAssigner(plain, batch, 2, box_thres)
+        try:
+            return model.loss(batch)[0].detach()
+        finally:
+            criterion.assigner = plain
+
+    every, below_all, above_all, between = items(None), items(0.1), items(1.0), items(0.5)
+    torch.testing.assert_close(below_all, every)
+    assert above_all[0] == 0 and above_all[2] == 0  # box (CIoU) and DFL
+    torch.testing.assert_close(above_all[1], every[1])  # the class loss is the same
+    assert 0 < between[0] < every[0] and 0 < between[2] < every[2]
+    torch.testing.assert_close(between[1], every[1])

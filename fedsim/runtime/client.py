@@ -146,6 +146,7 @@ class ClientWorker:
                     unsup_weight=plan.unsup_weight,
                     ignore_thres=plan.ignore_thres,
                     negatives=plan.negatives,
+                    box_thres=plan.box_thres,
                     freeze_bn=plan.freeze_bn,
                     strong=strong,
                     extra_loss=partial(self.strategy.client_loss_terms, received=received, rnd=job.round),

@@ -76,6 +76,35 @@ class SoftNegativeBCE(nn.Module):
         return nn.functional.binary_cross_entropy_with_logits(pred, soft, reduction="none")
 
 
+class ReliableBoxAssigner:
+    """Wraps a loss's ``TaskAlignedAssigner`` so only confident pseudo-boxes teach box regression.
+
+    The assigner's foreground mask selects the anchors the box losses (CIoU, DFL) train; the class
+    loss reads its target scores instead. Dropping from that mask the anchors assigned to a pseudo-box
+    whose teacher confidence is under ``box_thres`` keeps those boxes as class targets while their
+    coordinates, which confidence says little about, teach no regression (Unbiased Teacher trains no
+    regression on pseudo-boxes; Soft Teacher only on reliable ones). The box losses keep Ultralytics'
+    normaliser (the sum of all target scores), so fewer reliable boxes also mean a lighter box loss.
+    """
+
+    def __init__(self, assigner, batch: dict[str, torch.Tensor], batch_size: int, box_thres: float):
+        self.assigner = assigner
+        owner = batch["batch_idx"].long()
+        per_image = torch.bincount(owner, minlength=batch_size) if len(owner) else torch.zeros(batch_size)
+        # The loss pads each image's boxes to (batch_size, most boxes, ...) in their order in the batch.
+        self.reliable = torch.zeros(batch_size, int(per_image.max()) if len(owner) else 0, dtype=torch.bool)
+        if len(owner):
+            first = torch.cumsum(per_image, 0) - per_image
+            slot = torch.arange(len(owner)) - first[owner]
+            self.reliable[owner, slot] = batch["conf"].cpu() >= box_thres
+
+    def __call__(self, *args, **kwargs):
+        labels, bboxes, scores, fg_mask, gt_idx = self.assigner(*args, **kwargs)
+        if self.reliable.shape[1]:
+            fg_mask = fg_mask & torch.gather(self.reliable.to(fg_mask.device), 1, gt_idx.long())
+        return labels, bboxes, scores, fg_mask, gt_idx
+
+
 def class_criterion(scores: torch.Tensor, negatives: str, ignore_thres: float | None, conf_thres: float):
     """The element-wise class loss for one batch (None: Ultralytics' own plain BCE)."""
     if negatives == "soft":
@@ -175,6 +204,7 @@ def unsupervised_epoch(
     negatives: str = "band",
     freeze_bn: bool = True,
     strong: StrongAugment | None = None,
+    box_thres: float | None = None,
 ) -> dict[str, float]:
     """One local epoch on unlabeled images: the teacher labels a weak view, the student learns a strong one.
 
@@ -189,6 +219,8 @@ def unsupervised_epoch(
 
     ``ignore_thres``: lower edge of the uncertain band (None: every unlabeled location is background).
     ``negatives``: ``"band"`` (that band) or ``"soft"`` (the teacher's scores as targets off the boxes).
+    ``box_thres``: pseudo-boxes below this teacher confidence teach classification only, no box
+    regression (None: every pseudo-box teaches both; see ``ReliableBoxAssigner``).
     ``freeze_bn``: keep BatchNorm statistics as received. Low-res, shifted client batches would
     otherwise rewrite the running statistics the server's high-res images are normalised with.
     """
@@ -220,12 +252,14 @@ def unsupervised_epoch(
             freeze_batchnorm_stats(student)
         criterion = student.criterion if getattr(student, "criterion", None) else student.init_criterion()
         student.criterion = criterion
-        plain_bce = criterion.bce
+        plain_bce, plain_assigner = criterion.bce, criterion.assigner
         criterion.bce = class_criterion(scores, negatives, ignore_thres, conf_thres) or plain_bce
+        if box_thres is not None:
+            criterion.assigner = ReliableBoxAssigner(plain_assigner, batch, len(batch["img"]), box_thres)
         try:
             loss, items = student.loss(batch)
         finally:
-            criterion.bce = plain_bce
+            criterion.bce, criterion.assigner = plain_bce, plain_assigner
         # Ultralytics returns the loss times the batch size; per image, an extra term's coefficient
         # (FedProx mu, FedSTO's orthogonality, the MoE balance) means what it says.
         total = loss.sum() / len(batch["img"]) * unsup_weight
