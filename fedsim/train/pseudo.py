@@ -89,14 +89,13 @@ class ReliableBoxAssigner:
 
     def __init__(self, assigner, batch: dict[str, torch.Tensor], batch_size: int, box_thres: float):
         self.assigner = assigner
-        owner = batch["batch_idx"].long()
-        per_image = torch.bincount(owner, minlength=batch_size) if len(owner) else torch.zeros(batch_size)
-        # The loss pads each image's boxes to (batch_size, most boxes, ...) in their order in the batch.
-        self.reliable = torch.zeros(batch_size, int(per_image.max()) if len(owner) else 0, dtype=torch.bool)
-        if len(owner):
-            first = torch.cumsum(per_image, 0) - per_image
-            slot = torch.arange(len(owner)) - first[owner]
-            self.reliable[owner, slot] = batch["conf"].cpu() >= box_thres
+        owner = batch["batch_idx"].long().cpu()
+        per_image = torch.bincount(owner, minlength=batch_size)
+        # The loss pads each image's boxes into (batch_size, most boxes) slots the same way: slot =
+        # the box's index in the batch minus the index of its image's first box.
+        self.reliable = torch.zeros(batch_size, int(per_image.max()), dtype=torch.bool)
+        first = torch.cumsum(per_image, 0) - per_image
+        self.reliable[owner, torch.arange(len(owner)) - first[owner]] = batch["conf"].cpu() >= box_thres
 
     def __call__(self, *args, **kwargs):
         labels, bboxes, scores, fg_mask, gt_idx = self.assigner(*args, **kwargs)
