@@ -100,21 +100,23 @@ def test_teacher_scores_follow_the_strong_views_geometry(params):
 
 
 def test_unconfident_pseudo_boxes_lose_their_anchors_for_box_regression_only():
+    from fedsim.model.detector import build_detector
     from fedsim.train.pseudo import ReliableBoxAssigner
 
     # image 0 holds boxes at 0.9 and 0.3, image 1 one at 0.6; 4 anchors per image
-    batch = {"batch_idx": torch.tensor([0.0, 0.0, 1.0]), "conf": torch.tensor([0.9, 0.3, 0.6])}
+    img = torch.zeros(2, 3, 32, 32)
+    batch = {"img": img, "batch_idx": torch.tensor([0.0, 0.0, 1.0]), "conf": torch.tensor([0.9, 0.3, 0.6])}
     gt_idx = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0]])
     fg = torch.tensor([[True, True, False, True], [True, False, True, True]])
     labels, boxes, scores = torch.zeros(2, 4), torch.ones(2, 4, 4), torch.rand(2, 4, 3)
-    gate = ReliableBoxAssigner(lambda: (labels, boxes, scores, fg, gt_idx), batch, batch_size=2, box_thres=0.5)
-    out = gate()
+    criterion = build_detector("yolov8n.yaml", ["car", "person"]).init_criterion()
+    criterion.assigner = lambda: (labels, boxes, scores, fg, gt_idx)
+    out = ReliableBoxAssigner(criterion, batch, box_thres=0.5)()
     assert out[3].tolist() == [[True, False, False, True], [True, False, True, True]]
     assert out[2] is scores and out[4] is gt_idx  # class targets untouched
-    none_reliable = ReliableBoxAssigner(lambda: (labels, boxes, scores, fg, gt_idx), batch, 2, box_thres=0.95)()
-    assert not none_reliable[3].any()
-    empty = {"batch_idx": torch.zeros(0), "conf": torch.zeros(0)}
-    assert ReliableBoxAssigner(lambda: (labels, boxes, scores, fg, gt_idx), empty, 2, 0.5)()[3] is fg
+    assert not ReliableBoxAssigner(criterion, batch, box_thres=0.95)()[3].any()
+    empty = {"img": img, "batch_idx": torch.zeros(0), "conf": torch.zeros(0)}
+    assert ReliableBoxAssigner(criterion, empty, 0.5)()[3] is fg
 
 
 def test_box_threshold_removes_the_box_losses_and_keeps_the_class_loss():
@@ -135,7 +137,7 @@ def test_box_threshold_removes_the_box_losses_and_keeps_the_class_loss():
     plain = criterion.assigner
 
     def items(box_thres):
-        criterion.assigner = plain if box_thres is None else ReliableBoxAssigner(plain, batch, 2, box_thres)
+        criterion.assigner = plain if box_thres is None else ReliableBoxAssigner(criterion, batch, box_thres)
         try:
             return model.loss(batch)[0].detach()
         finally:

@@ -87,20 +87,20 @@ class ReliableBoxAssigner:
     normaliser (the sum of all target scores), so fewer reliable boxes also mean a lighter box loss.
     """
 
-    def __init__(self, assigner, batch: dict[str, torch.Tensor], batch_size: int, box_thres: float):
-        self.assigner = assigner
-        owner = batch["batch_idx"].long().cpu()
-        per_image = torch.bincount(owner, minlength=batch_size)
-        # The loss pads each image's boxes into (batch_size, most boxes) slots the same way: slot =
-        # the box's index in the batch minus the index of its image's first box.
-        self.reliable = torch.zeros(batch_size, int(per_image.max()), dtype=torch.bool)
-        first = torch.cumsum(per_image, 0) - per_image
-        self.reliable[owner, torch.arange(len(owner)) - first[owner]] = batch["conf"].cpu() >= box_thres
+    def __init__(self, criterion, batch: dict[str, torch.Tensor], box_thres: float):
+        self.assigner = criterion.assigner
+        # The loss's own padding (``preprocess``) lays each image's confidences out in the slots the
+        # assigner's ``gt_idx`` points at; the confidence rides in the class column, boxes are unused.
+        conf = batch["conf"].view(-1, 1)
+        rows = torch.cat([batch["batch_idx"].view(-1, 1), conf, torch.zeros(len(conf), 4, dtype=conf.dtype)], 1)
+        unit = torch.ones(4, device=criterion.device)
+        padded = criterion.preprocess(rows.to(criterion.device), len(batch["img"]), scale_tensor=unit)
+        self.reliable = padded[..., 0] >= box_thres  # padding slots hold 0: never reliable
 
     def __call__(self, *args, **kwargs):
         labels, bboxes, scores, fg_mask, gt_idx = self.assigner(*args, **kwargs)
         if self.reliable.shape[1]:
-            fg_mask = fg_mask & torch.gather(self.reliable.to(fg_mask.device), 1, gt_idx.long())
+            fg_mask = fg_mask & torch.gather(self.reliable, 1, gt_idx.long())
         return labels, bboxes, scores, fg_mask, gt_idx
 
 
@@ -254,7 +254,7 @@ def unsupervised_epoch(
         plain_bce, plain_assigner = criterion.bce, criterion.assigner
         criterion.bce = class_criterion(scores, negatives, ignore_thres, conf_thres) or plain_bce
         if box_thres is not None:
-            criterion.assigner = ReliableBoxAssigner(plain_assigner, batch, len(batch["img"]), box_thres)
+            criterion.assigner = ReliableBoxAssigner(criterion, batch, box_thres)
         try:
             loss, items = student.loss(batch)
         finally:
