@@ -306,6 +306,45 @@ class PrivacyConfig(Section):
     accountant: Literal["rdp", "pld"] = "rdp"
 
 
+# The settings only a run's client side reads (local training, pseudo-labels, the uplink's codec,
+# client-level DP), as names or section prefixes of ``ExperimentConfig.flat()``. A strategy that
+# trains no clients (``Strategy.uses_clients`` False) computes the same run whatever they are, so
+# ``fedsim table`` reuses its recorded runs across them. ``clients.num_clients`` is not one: it
+# shapes the data split every strategy trains and tests on.
+CLIENT_SIDE_SETTINGS = (
+    *(f"clients.{k}" for k in ClientsConfig.model_fields if k != "num_clients"),
+    "train.client_epochs",
+    "train.client_lr",
+    "train.client_lr_warmup_rounds",
+    "train.ema_momentum",
+    "train.conf_thres",
+    "train.ignore_thres",
+    "train.negatives",
+    "train.box_thres",
+    "train.nms_iou",
+    "train.unsup_weight",
+    "train.client_bn_stats",
+    "train.student_view",
+    "train.strong_scale",
+    "train.pseudo_diagnostics",
+    "compression",
+    "privacy",
+)
+
+
+def settings_key(flat: dict[str, str], ignored: tuple[str, ...] = ()) -> str:
+    """Hash of a ``flat()`` config (or a run's MLflow params), tracking and ``ignored`` left out.
+
+    An ignored name drops that setting and, as a prefix, every setting under it.
+    """
+
+    def kept(name: str) -> bool:
+        return not any(name == p or name.startswith(p + ".") for p in ("tracking", *ignored))
+
+    blob = json.dumps({k: v for k, v in flat.items() if kept(k)}, sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:10]
+
+
 class TrackingConfig(Section):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
     experiment: str = "fedsim"

@@ -1,7 +1,10 @@
 """``fedsim table``: run every (strategy, seed) MLflow does not have yet, then tabulate from MLflow.
 
 A (strategy, seed) counts as recorded when a FINISHED run in the experiment carries the
-``config_key`` of exactly that config, so changing anything else in the config reruns it. The
+``config_key`` of exactly that config, so changing anything else in the config reruns it; a
+strategy that trains no clients (server_only, scl_*, oracle) also takes a run whose MLflow params
+differ from its config only in settings the client side alone reads (``CLIENT_SIDE_SETTINGS``), so
+a change of client recipe does not rerun the baselines. The
 table itself is built from ``mlflow.search_runs``, never from the runs just made in memory. A pair
 whose run directory exists but whose MLflow run never finished is resumed from its last
 checkpoint, so an interrupted table loses no finished round.
@@ -17,10 +20,11 @@ import mlflow
 import pandas as pd
 import ray
 
-from fedsim.config import ConfigError, ExperimentConfig, apply_overrides
+from fedsim.config import CLIENT_SIDE_SETTINGS, ConfigError, ExperimentConfig, apply_overrides, settings_key
 from fedsim.experiment import earlier_run_dir, init_ray, prepare_data, prepare_weights, simulate
 from fedsim.preflight import check_or_raise, parse
 from fedsim.stats import format_diff, paired_difference
+from strategies import get as get_strategy
 
 _TOP_LEVEL_COMMA = re.compile(r",(?![^\[]*\])")  # a comma outside [...]: a list value stays whole
 
@@ -64,9 +68,34 @@ def recorded_runs(uri: str, experiment: str) -> pd.DataFrame:
     return runs if len(runs) else pd.DataFrame(columns=["tags.config_key", "tags.strategy", "tags.seed"])
 
 
+def _client_free_keys(runs: pd.DataFrame) -> pd.Series:
+    """Each recorded run's ``settings_key`` of its MLflow params, client-side settings left out."""
+    names = [c for c in runs.columns if c.startswith("params.")]
+    keys = [
+        settings_key({k.removeprefix("params."): v for k, v in row.items() if isinstance(v, str)}, CLIENT_SIDE_SETTINGS)
+        for row in runs[names].to_dict("records")
+    ]
+    return pd.Series(keys, index=runs.index, dtype=object)
+
+
+def result_run(runs: pd.DataFrame, cfg: ExperimentConfig, client_free: pd.Series | None = None) -> pd.DataFrame:
+    """The recorded run (at most one row) whose results are ``cfg``'s.
+
+    A run of exactly ``cfg`` (its ``config_key``) first; for a strategy that trains no clients, else
+    a run whose params equal ``cfg``'s outside ``CLIENT_SIDE_SETTINGS``. A run logged before some
+    setting existed lacks its param and so never matches a config that has it.
+    """
+    exact = runs[runs["tags.config_key"] == cfg.key()]
+    if len(exact) or get_strategy(cfg.strategy.name).uses_clients:
+        return exact.head(1)
+    keys = _client_free_keys(runs) if client_free is None else client_free
+    return runs[keys == settings_key(cfg.flat(), CLIENT_SIDE_SETTINGS)].head(1)
+
+
 def missing(cfgs: list[ExperimentConfig], uri: str, experiment: str) -> list[ExperimentConfig]:
-    done = set(recorded_runs(uri, experiment)["tags.config_key"])
-    return [c for c in cfgs if c.key() not in done]
+    runs = recorded_runs(uri, experiment)
+    keys = _client_free_keys(runs)
+    return [c for c in cfgs if not len(result_run(runs, c, keys))]
 
 
 def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
@@ -129,10 +158,11 @@ def build_table(
     if reference is not None and reference not in variants:
         raise ValueError(f"reference {reference!r} is not one of the table's rows: {', '.join(variants)}")
     runs = recorded_runs(uri, experiment)
+    keys = _client_free_keys(runs)
     columns = [f"metrics.map50/{d}" for d in domains] + ["metrics.map50/total"]
     rows, totals = [], {}
     for label, cfgs in variants.items():
-        group = runs[runs["tags.config_key"].isin({c.key() for c in cfgs})].drop_duplicates("tags.config_key")
+        group = pd.concat([result_run(runs, c, keys) for c in cfgs])
         row = {"strategy": label, "seeds": ",".join(sorted(group["tags.seed"], key=int))}
         for col, name in zip(columns, [*domains, "total"], strict=True):
             values = group[col].astype(float)

@@ -35,12 +35,30 @@ def test_table_runs_missing_pairs_once_and_reads_mlflow(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "2 of 2 runs already in MLflow; running 0" in second.stdout
 
+    # Another client recipe: the baselines train no clients, so their runs are reused, not rerun.
+    recipe = ["--set", "train.client_lr=0.001", "--set", "train.box_thres=1.0", "--set", "train.conf_thres=0.3"]
+    recipe += ["--set", "train.strong_scale=[0.8,1.2]", "--set", "compression.uplink=int8"]
+    third = run_fedsim(args + recipe, cwd=tmp_path, timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "2 of 2 runs already in MLflow; running 0" in third.stdout
+
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["tiny"])
     assert len(runs) == 2  # nothing was run twice, the interrupted pair included
     resumed = runs[runs["tags.strategy"] == "scl_frozen"].iloc[0]
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(resumed["run_id"], "map50/total")]
-    assert steps == [0, 1, 2]
+    history = mlflow.MlflowClient().get_metric_history(resumed["run_id"], "map50/total")
+    assert [m.step for m in history] == [0, 1, 2]
+    # ...which is right: scl_frozen run afresh with that recipe scores exactly what the reused run did
+    fresh = run_fedsim(
+        ["run", str(TINY), "--set", "strategy.name=scl_frozen", "--set", "rounds=2", *recipe], cwd=tmp_path
+    )
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    every = mlflow.search_runs(experiment_names=["tiny"])
+    again = every[(every["tags.strategy"] == "scl_frozen") & (every["tags.config_key"] != resumed["tags.config_key"])]
+    assert len(every) == 3 and len(again) == 1
+    again = again.iloc[0]
+    rerun = mlflow.MlflowClient().get_metric_history(again["run_id"], "map50/total")
+    assert [(m.step, m.value) for m in rerun] == [(m.step, m.value) for m in history]
     rows = list(csv.DictReader((tmp_path / "out" / "table.csv").open()))
     assert [r["strategy"] for r in rows] == ["server_only", "scl_frozen"]
     for row in rows:

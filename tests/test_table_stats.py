@@ -120,3 +120,43 @@ def test_a_row_spec_with_an_unknown_config_key_is_a_config_error():
         variants_of(load(str(TINY), [], []), "fedavg;fedavg:train.conf_thresh=0.4", 1)
     with pytest.raises(ConfigError, match="expected key=value"):
         variants_of(load(str(TINY), [], []), "fedavg;fedmox:alpha", 1)
+
+
+def _recorded(cfg, total: float) -> dict:
+    """A fake MLflow row of a run of ``cfg``: its tags, its flat config as params, its mAP@50."""
+    params = {f"params.{k}": v for k, v in cfg.flat().items()}
+    scores = {f"metrics.map50/{d}": total for d in [*DOMAINS, "total"]}
+    return {
+        "tags.config_key": cfg.key(),
+        "tags.strategy": cfg.strategy.name,
+        "tags.seed": str(cfg.seed),
+        **params,
+        **scores,
+    }
+
+
+def test_a_baseline_without_clients_reuses_runs_that_differ_only_in_client_side_settings(monkeypatch):
+    base = load(str(TINY), [], [])
+    client_side = [
+        "train.client_lr=0.001",
+        "train.box_thres=1.0",
+        "compression.uplink=int8",
+        "clients.sampling_rate=0.5",
+    ]
+    recorded = variants_of(base, "server_only;oracle;fedavg", 1)
+    rows = [_recorded(cfgs[0], total) for cfgs, total in zip(recorded.values(), (0.4, 0.6, 0.5), strict=True)]
+    # train.lr changed as well: a baseline reads it, so that run is not reused
+    rows.append(_recorded(variants_of(load(str(TINY), ["train.lr=0.001"]), "scl_frozen", 1)["scl_frozen"][0], 0.45))
+    # a run logged before a setting it reads existed (server_scale) lacks its param: never matched
+    older = _recorded(variants_of(base, "scl_full", 1)["scl_full"][0], 0.3)
+    del older["params.train.server_scale"]
+    runs = pd.DataFrame([*rows, older])
+    monkeypatch.setattr(fedsim.table, "recorded_runs", lambda uri, experiment: runs)
+
+    wanted = variants_of(load(str(TINY), client_side), "server_only;oracle;fedavg;scl_frozen;scl_full", 1)
+    assert not {cfgs[0].key() for cfgs in wanted.values()} & set(runs["tags.config_key"])  # no key matches
+    todo = fedsim.table.missing([c for cfgs in wanted.values() for c in cfgs], "sqlite:///unused.db", "tiny")
+    assert [c.strategy.name for c in todo] == ["fedavg", "scl_frozen", "scl_full"]  # fedavg trains clients
+    table = build_table("sqlite:///unused.db", "tiny", wanted, DOMAINS).set_index("strategy")
+    assert table.loc["server_only", "total_mean"] == 0.4 and table.loc["oracle", "total_mean"] == 0.6
+    assert table.loc[["fedavg", "scl_frozen", "scl_full"], "seeds"].tolist() == ["", "", ""]
