@@ -253,6 +253,11 @@ class TrainConfig(Section):
     # confidence says little about where a box's edges are. None: every pseudo-box teaches both;
     # 1.0: none does (classification-only pseudo-labels, as Unbiased Teacher).
     box_thres: float | None = Field(None, gt=0, le=1)
+    # "adaptive": each class's threshold is conf_thres scaled by the teacher's mean confidence in that
+    # class over its best class's (FreeMatch's self-adaptive class thresholds; fedsim/train/thresholds.py),
+    # down to ignore_thres (conf_thres / 4 without one): classes it scores lower (small objects at low
+    # resolution) are not starved of pseudo-labels.
+    class_thres: Literal["fixed", "adaptive"] = "fixed"
     nms_iou: float = Field(0.65, gt=0, lt=1)
     # Client objective: unsup_weight * (pseudo-label loss per image) + the method's extra terms
     # (FedProx, FedSTO, MoE balance) at their nominal coefficients. AdamW is invariant to the scale
@@ -277,7 +282,8 @@ class TrainConfig(Section):
 
     @model_serializer(mode="wrap")
     def _omit_defaults_of_new_fields(self, handler) -> dict[str, Any]:
-        return without_defaults(handler(self), {"negatives": "band", "eval_every": 1, "box_thres": None})
+        new_fields = {"negatives": "band", "eval_every": 1, "box_thres": None, "class_thres": "fixed"}
+        return without_defaults(handler(self), new_fields)
 
 
 class CompressionConfig(Section):
@@ -321,6 +327,7 @@ CLIENT_SIDE_SETTINGS = (
     "train.ignore_thres",
     "train.negatives",
     "train.box_thres",
+    "train.class_thres",
     "train.nms_iou",
     "train.unsup_weight",
     "train.client_bn_stats",

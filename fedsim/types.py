@@ -46,6 +46,7 @@ class ClientPlan:
     strong_scale: tuple[float, float] | None = None  # the student's strong view's zoom range; None: weak view
     negatives: str = "band"  # class targets off the pseudo-boxes: "band" (0, uncertain band ignored) | "soft"
     box_thres: float | None = None  # pseudo-boxes under this confidence teach no box regression
+    class_thres: str = "fixed"  # "fixed": conf_thres for every class | "adaptive": fedsim.train.thresholds
 
 
 @dataclass(frozen=True)

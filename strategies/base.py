@@ -118,6 +118,7 @@ class Strategy:
             strong_scale=tuple(t.strong_scale) if t.student_view == "strong" else None,
             negatives=t.negatives,
             box_thres=t.box_thres,
+            class_thres=t.class_thres,
         )
 
     def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:

@@ -42,6 +42,7 @@ from fedsim.runtime.memory import PeakMemory, rss_bytes
 from fedsim.train.augment import StrongAugment
 from fedsim.train.pseudo import EMATeacher, unsupervised_epoch
 from fedsim.train.supervised import build_dataset, make_loader, make_optimizer
+from fedsim.train.thresholds import ClassThresholds
 from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientTelemetry, Payload, State
 from strategies import build as build_strategy
 
@@ -131,6 +132,10 @@ class ClientWorker:
             strong = StrongAugment(scale_min=plan.strong_scale[0], scale_max=plan.strong_scale[1])
         with PeakMemory(self.base_rss) as mem:
             teacher = EMATeacher(model, plan.ema_momentum, keys)
+            thresholds = None
+            if plan.class_thres == "adaptive":
+                floor = plan.ignore_thres if plan.ignore_thres is not None else plan.conf_thres / 4
+                thresholds = ClassThresholds(len(self.cfg.data.classes), plan.conf_thres, floor)
             optimizer = make_optimizer(model, plan.lr, plan.weight_decay)
             metrics: dict[str, float] = {}
             for epoch in range(plan.epochs):
@@ -147,6 +152,7 @@ class ClientWorker:
                     ignore_thres=plan.ignore_thres,
                     negatives=plan.negatives,
                     box_thres=plan.box_thres,
+                    thresholds=thresholds,
                     freeze_bn=plan.freeze_bn,
                     strong=strong,
                     extra_loss=partial(self.strategy.client_loss_terms, received=received, rnd=job.round),

@@ -51,6 +51,7 @@ from fedsim.runtime.rounds import (
     ShardIndex,
     TooFewClients,
     check_quorum,
+    class_threshold_metrics,
     client_rows,
     jobs_per_round,
     pseudo_label_metrics,
@@ -266,6 +267,7 @@ class Simulation:
             metrics.update(round_metrics(outcome, state_nbytes(global_state)))
             metrics.update(self.strategy.round_metrics(outcome.kept, self.shards))
             metrics.update(pseudo_label_metrics(outcome.kept, self.shards))
+            metrics.update(class_threshold_metrics(outcome.kept, self.cfg.data.classes))
             outcome.release_updates()  # before the server epoch, which needs the memory more
         with clock("server"):
             self.strategy.begin_training(self.model)

@@ -261,6 +261,17 @@ def pseudo_label_metrics(results: list[ClientResult], domains: Mapping[int, str]
     return out
 
 
+def class_threshold_metrics(results: list[ClientResult], names: list[str]) -> dict[str, float]:
+    """``pseudo/class_thres/<class>``: the adaptive thresholds the round's clients ended their jobs
+    with, averaged over them (nothing when thresholds are fixed)."""
+    out = {}
+    for c, name in enumerate(names):
+        values = [r.metrics[f"class_thres_{c}"] for r in results if f"class_thres_{c}" in r.metrics]
+        if values:
+            out[f"pseudo/class_thres/{name}"] = float(np.mean(values))
+    return out
+
+
 def round_metrics(outcome: RoundOutcome, state_bytes: int) -> dict[str, float]:
     """The round's client figures for MLflow: a fixed set of keys whatever N is."""
     kept, finished = outcome.kept, outcome.kept + outcome.stragglers

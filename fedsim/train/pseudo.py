@@ -26,6 +26,7 @@ from fedsim.model.detector import freeze_batchnorm_stats, train_mode
 from fedsim.train.augment import Affine, StrongAugment, apply_geometric, draw_affine, photometric_batch
 from fedsim.train.pseudo_quality import QualityCounts, match_counts
 from fedsim.train.supervised import CPU, ExtraLoss, loss_items
+from fedsim.train.thresholds import ClassThresholds
 
 
 class EMATeacher:
@@ -49,9 +50,12 @@ class EMATeacher:
 
 
 class IgnoreUncertainBCE(nn.Module):
-    """``BCEWithLogits`` per element, zeroed where the teacher was unsure and assigned no target."""
+    """``BCEWithLogits`` per element, zeroed where the teacher was unsure and assigned no target.
 
-    def __init__(self, teacher_scores: torch.Tensor, low: float, high: float):
+    ``high``: the pseudo-label threshold, one for all classes or a ``(nc,)`` tensor, one per class.
+    """
+
+    def __init__(self, teacher_scores: torch.Tensor, low: float, high: float | torch.Tensor):
         super().__init__()
         self.uncertain = (teacher_scores >= low) & (teacher_scores < high)  # (B, anchors, nc)
 
@@ -104,11 +108,11 @@ class ReliableBoxAssigner:
         return labels, bboxes, scores, fg_mask, gt_idx
 
 
-def class_criterion(scores: torch.Tensor, negatives: str, ignore_thres: float | None, conf_thres: float):
+def class_criterion(scores: torch.Tensor, negatives: str, ignore_thres: float | None, conf_thres: float | torch.Tensor):
     """The element-wise class loss for one batch (None: Ultralytics' own plain BCE)."""
     if negatives == "soft":
         return SoftNegativeBCE(scores)
-    if ignore_thres is not None and ignore_thres < conf_thres:
+    if ignore_thres is not None and bool((torch.as_tensor(conf_thres) > ignore_thres).any()):
         return IgnoreUncertainBCE(scores, ignore_thres, conf_thres)
     return None
 
@@ -204,6 +208,7 @@ def unsupervised_epoch(
     freeze_bn: bool = True,
     strong: StrongAugment | None = None,
     box_thres: float | None = None,
+    thresholds: ClassThresholds | None = None,
 ) -> dict[str, float]:
     """One local epoch on unlabeled images: the teacher labels a weak view, the student learns a strong one.
 
@@ -220,6 +225,8 @@ def unsupervised_epoch(
     ``negatives``: ``"band"`` (that band) or ``"soft"`` (the teacher's scores as targets off the boxes).
     ``box_thres``: pseudo-boxes below this teacher confidence teach classification only, no box
     regression (None: every pseudo-box teaches both; see ``ReliableBoxAssigner``).
+    ``thresholds``: per-class thresholds in place of ``conf_thres``, updated from every batch's
+    teacher detections (``fedsim.train.thresholds``; None: ``conf_thres`` for every class).
     ``freeze_bn``: keep BatchNorm statistics as received. Low-res, shifted client batches would
     otherwise rewrite the running statistics the server's high-res images are normalised with.
     """
@@ -233,7 +240,17 @@ def unsupervised_epoch(
         flip = torch.rand(img.shape[0], generator=generator) < 0.5
         img[flip] = img[flip].flip(-1)  # the weak view
         preds = teacher_predict(teacher.model, img)
-        batch = {"img": img, **pseudo_labels(preds, img, conf_thres, iou_thres)}
+        thres: float | torch.Tensor = conf_thres
+        if thresholds is None:
+            batch = {"img": img, **pseudo_labels(preds, img, conf_thres, iou_thres)}
+        else:
+            # NMS keeps a box whatever the lower-scored candidates are, so cutting each class at its
+            # own threshold after NMS at the floor equals NMS at that threshold.
+            found = pseudo_labels(preds, img, thresholds.floor, iou_thres)
+            thresholds.update(found["conf"], found["cls"])
+            thres = thresholds.values().to(device)
+            keep = found["conf"] >= thres[found["cls"].view(-1).long()]
+            batch = {"img": img, **{k: v[keep] for k, v in found.items()}}
         n_pseudo += int(batch["cls"].shape[0])
         if len(raw.get("cls", ())):
             quality = quality + match_counts(batch, _flipped_truth(raw, flip, device))
@@ -252,7 +269,7 @@ def unsupervised_epoch(
         criterion = student.criterion if getattr(student, "criterion", None) else student.init_criterion()
         student.criterion = criterion
         plain_bce, plain_assigner = criterion.bce, criterion.assigner
-        criterion.bce = class_criterion(scores, negatives, ignore_thres, conf_thres) or plain_bce
+        criterion.bce = class_criterion(scores, negatives, ignore_thres, thres) or plain_bce
         if box_thres is not None:
             criterion.assigner = ReliableBoxAssigner(criterion, batch, box_thres)
         try:
@@ -283,6 +300,8 @@ def unsupervised_epoch(
     }
     if quality.tp + quality.fp + quality.fn > 0:
         out.update({f"pseudo_{k}": v for k, v in quality.as_dict().items()})
+    if thresholds is not None:
+        out.update({f"class_thres_{c}": float(v) for c, v in enumerate(thresholds.values())})
     return out
 
 
