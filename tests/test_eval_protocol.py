@@ -231,6 +231,9 @@ def test_evaluate_scores_client_domains_at_both_resolutions(tmp_path: Path, cpu_
     assert hi | {"map50_hi/total", "map_hi/total"} <= set(out)
     assert "map50_hi/cloudy" not in out
     assert out["map50/total"] > 0 and out["map50_hi/total"] > 0
+    per_class = [v for k, v in out.items() if k.startswith("map50_class/")]
+    assert len(per_class) >= 2 and set(per_class) != {out["map50/total"]}
+    assert sum(per_class) / len(per_class) == pytest.approx(out["map50/total"])
     # map50_hi/total pools the server domain's test set with the client domains' hi-res ones.
     every_domain_hi = {**trainer.test_loaders, **trainer.test_hi_loaders}
     with torch.no_grad():

@@ -13,6 +13,8 @@ domains' test sets with the client domains' full-resolution ones: every domain a
 resolution, which separates the domain shift from the resolution shift. ``map/...`` and
 ``map_hi/...`` are the same for mAP@50-95. Pooling concatenates the per-box matches before
 computing AP (it is not a mean of the domains' mAPs), so larger test sets weigh more.
+``map50_class/<class>`` splits ``map50/total`` by class (its mean over the classes with test
+boxes): which objects a method helps, e.g. large cars against small pedestrians at low resolution.
 """
 
 from __future__ import annotations
@@ -61,15 +63,26 @@ def _domain_stats(net: nn.Module, loader: object, save_dir: Path, conf: float, i
     return {key: list(values) for key, values in v.metrics.stats.items()}
 
 
-def _maps(stats: list[Stats], names: dict[int, str]) -> tuple[float, float]:
-    """(mAP@50, mAP@50-95) of the pooled statistics of one or more test sets."""
+def _pooled(stats: list[Stats], names: dict[int, str]) -> DetMetrics:
     metrics = DetMetrics()
     metrics.names = names
     for one in stats:
         for key, values in one.items():
             metrics.stats[key].extend(values)
     metrics.process()
+    return metrics
+
+
+def _maps(stats: list[Stats], names: dict[int, str]) -> tuple[float, float]:
+    """(mAP@50, mAP@50-95) of the pooled statistics of one or more test sets."""
+    metrics = _pooled(stats, names)
     return float(metrics.box.map50), float(metrics.box.map)
+
+
+def _class_ap50(stats: list[Stats], names: dict[int, str]) -> dict[str, float]:
+    """``map50_class/<class>``: AP@50 of each class with test boxes; their mean is the pool's mAP@50."""
+    box = _pooled(stats, names).box
+    return {f"map50_class/{names[int(c)]}": float(ap) for c, ap in zip(box.ap_class_index, box.ap50, strict=True)}
 
 
 @torch.no_grad()
@@ -94,6 +107,7 @@ def evaluate(
         for domain, stats in per_domain.items():
             out[f"map50{suffix}/{domain}"], out[f"map{suffix}/{domain}"] = _maps([stats], net.names)
     out["map50/total"], out["map/total"] = _maps(list(held.values()), net.names)
+    out.update(_class_ap50(list(held.values()), net.names))
     if high:
         out["map50_hi/total"], out["map_hi/total"] = _maps(list({**held, **high}.values()), net.names)
     return out
