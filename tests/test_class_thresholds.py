@@ -49,3 +49,49 @@ def test_the_uncertain_band_ends_at_each_class_threshold():
     )
     assert loss[0, 0, 0] == 0  # under class 0's threshold: unsure, no background loss
     assert loss[0, 0, 1] > 0  # over class 1's, yet no pseudo-box: background
+
+
+def test_a_client_job_with_adaptive_thresholds_reports_them_per_class(tmp_path, cpu_threads):
+    from dataclasses import replace
+
+    from fedsim.data.synthetic_format import prepare as synthetic_partition
+    from fedsim.model.detector import build_detector, get_state
+    from fedsim.preflight import load
+    from fedsim.runtime.client import ClientWorker
+    from fedsim.runtime.rounds import class_threshold_metrics
+    from fedsim.storage import cache_dir
+    from fedsim.train.foundation import pretrain
+    from fedsim.types import ClientJob
+    from strategies import build
+    from tests.conftest import TINY
+
+    cfg = load(TINY, ["data.server_images=4", "data.client_images=8", "data.test_images=2", "train.conf_thres=0.3"])
+    m = cfg.model
+    weights = pretrain(
+        cache_dir(), m.arch, m.pretrain_images, m.pretrain_epochs, m.pretrain_seed, cfg.data.width, cfg.data.height
+    )  # a trained detector, so the teacher finds objects; cached after the first test session
+    part = synthetic_partition(cfg.data, 2, tmp_path)
+
+    def job_metrics(class_thres: str) -> dict[str, float]:
+        run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"class_thres": class_thres})})
+        model = build(run_cfg).build_model(build_detector(m.arch, cfg.data.classes, weights=str(weights)))
+        full = get_state(model, list(model.state_dict()))  # the frozen backbone too
+        worker = ClientWorker(run_cfg.model_dump(mode="json"), {"yaml": model.yaml}, full, threads=1)
+        plan = replace(build(run_cfg).client_plan(1), batch=8)  # one batch: both jobs label the same images
+        job = ClientJob(0, 1, str(part.clients[0].images), part.client_imgsz, 7, plan)
+        return worker.run(job, get_state(model)).metrics
+
+    fixed, adaptive = job_metrics("fixed"), job_metrics("adaptive")
+    assert not [k for k in fixed if k.startswith("class_thres_")]
+    values = [adaptive[f"class_thres_{c}"] for c in range(len(cfg.data.classes))]
+    assert min(values) >= cfg.train.ignore_thres and max(values) == pytest.approx(0.3)
+    assert min(values) < 0.25  # some class is scored lower than the best one
+    assert adaptive["n_pseudo"] > fixed["n_pseudo"] > 0  # no class is cut higher than conf_thres, some lower
+    named = class_threshold_metrics([_result(adaptive)], cfg.data.classes)
+    assert named == {f"pseudo/class_thres/{name}": v for name, v in zip(cfg.data.classes, values, strict=True)}
+
+
+def _result(metrics: dict[str, float]):
+    from fedsim.types import ClientResult
+
+    return ClientResult(0, 1, {}, 8, metrics=metrics)
