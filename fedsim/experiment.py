@@ -20,12 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from fedsim.config import ExperimentConfig
 from fedsim.data.formats import prepare_partition
 from fedsim.data.partition import Partition
 from fedsim.offline import offline_env
 from fedsim.preflight import check_or_raise
+from fedsim.runtime.callbacks import latest_checkpoint, load_checkpoint
 from fedsim.runtime.driver import DriverActor
 from fedsim.runtime.nodes import check_storage
 from fedsim.storage import cache_dir, resolve, storage_root
@@ -110,6 +113,20 @@ def earlier_run_dir(cfg: ExperimentConfig) -> Path | None:
     return found[-1] if found else None
 
 
+def logged_elsewhere(run_dir: Path, uri: str) -> str | None:
+    """The MLflow run id a run directory's last checkpoint belongs to, when the store at ``uri``
+    does not hold that run (None: no checkpoint, or the store holds it)."""
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is None:
+        return None
+    run_id = load_checkpoint(ckpt)["run_id"]
+    try:
+        MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException:
+        return run_id
+    return None
+
+
 def new_run_dir(cfg: ExperimentConfig, resume: bool, echo: Echo = print) -> Path:
     root = resolve(cfg.output_dir)
     if resume:
@@ -155,8 +172,14 @@ def simulate(
     partition = prepare_data(cfg, echo)
     weights = prepare_weights(cfg)
     run_dir = new_run_dir(cfg, resume, echo)
-    run_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_uri(cfg.tracking.uri)
+    if resume and (elsewhere := logged_elsewhere(run_dir, uri)):
+        raise RunFailed(
+            f"--resume: {run_dir} was logged to MLflow run {elsewhere}, which the store {uri} does not hold; "
+            "resume with the store it was logged to (MLFLOW_TRACKING_URI or tracking.uri), or run without "
+            "--resume to start afresh"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
     init_ray()
     reads = [partition.root / "partition.json"] + ([Path(weights)] if weights else [])
     check_storage(reads, run_dir)  # every node, before any actor depends on it

@@ -21,9 +21,10 @@ import pandas as pd
 import ray
 
 from fedsim.config import CLIENT_SIDE_SETTINGS, ConfigError, ExperimentConfig, apply_overrides, settings_key
-from fedsim.experiment import earlier_run_dir, init_ray, prepare_data, prepare_weights, simulate
+from fedsim.experiment import earlier_run_dir, init_ray, logged_elsewhere, prepare_data, prepare_weights, simulate
 from fedsim.preflight import check_or_raise, parse
 from fedsim.stats import format_diff, paired_difference
+from fedsim.tracking import resolve_uri
 from strategies import get as get_strategy
 
 _TOP_LEVEL_COMMA = re.compile(r",(?![^\[]*\])")  # a comma outside [...]: a list value stays whole
@@ -123,7 +124,9 @@ def run_all(cfgs: list[ExperimentConfig], parallel: int, echo=print) -> None:
             try:
                 # A pair that was started but never finished (killed, out of time) continues from
                 # its last round checkpoint, in the same MLflow run, instead of starting over.
-                resume = earlier_run_dir(cfg) is not None
+                # A directory whose run another MLflow store holds is not this store's to continue.
+                earlier = earlier_run_dir(cfg)
+                resume = earlier is not None and logged_elsewhere(earlier, resolve_uri(cfg.tracking.uri)) is None
                 simulate(
                     cfg, resume=resume, echo=lambda line, tag=tag: echo(f"{tag} {line}"), pool_size=pool, checked=True
                 )

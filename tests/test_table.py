@@ -70,3 +70,32 @@ def test_table_runs_missing_pairs_once_and_reads_mlflow(tmp_path):
     assert "| strategy | cloudy | rainy | snowy | total | seeds |" in md and "server_only" in md
     stamp = runs["tags.platform"].iloc[0]
     assert f"Ran on: {stamp}\n" in md and f"torch {version('torch')}" in stamp
+
+
+def test_a_run_logged_to_another_store_is_not_resumed_into_this_one(tmp_path):
+    one = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'one.db'}"}
+    other = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'other.db'}"}
+    run = ["run", str(TINY), "--set", "strategy.name=server_only"]
+    first = run_fedsim(run, cwd=tmp_path, **one)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # --resume against a store that lacks the run: refused, naming the run and the store
+    refused = run_fedsim([*run, "--resume"], cwd=tmp_path, **other)
+    assert refused.returncode != 0
+    assert "was logged to MLflow run" in refused.stderr and "other.db does not hold" in refused.stderr
+    # a table on that store runs the pair afresh instead of failing on the other store's run
+    table = [
+        "table",
+        "--config",
+        str(TINY),
+        "--strategies",
+        "server_only",
+        "--seeds",
+        "1",
+        "--out",
+        str(tmp_path / "t"),
+    ]
+    done = run_fedsim(table, cwd=tmp_path, **other)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "running 1" in done.stdout and "resumed" not in done.stdout
+    mlflow.set_tracking_uri(other["MLFLOW_TRACKING_URI"])
+    assert len(mlflow.search_runs(experiment_names=["tiny"], filter_string="attributes.status = 'FINISHED'")) == 1
