@@ -79,10 +79,13 @@ def _maps(stats: list[Stats], names: dict[int, str]) -> tuple[float, float]:
     return float(metrics.box.map50), float(metrics.box.map)
 
 
-def _class_ap50(stats: list[Stats], names: dict[int, str]) -> dict[str, float]:
-    """``map50_class/<class>``: AP@50 of each class with test boxes; their mean is the pool's mAP@50."""
+def _total(stats: list[Stats], names: dict[int, str]) -> dict[str, float]:
+    """``map50/total``, ``map/total`` and ``map50_class/<class>``: AP@50 of each class with test
+    boxes in the pool, whose mean is its mAP@50."""
     box = _pooled(stats, names).box
-    return {f"map50_class/{names[int(c)]}": float(ap) for c, ap in zip(box.ap_class_index, box.ap50, strict=True)}
+    out = {"map50/total": float(box.map50), "map/total": float(box.map)}
+    out.update({f"map50_class/{names[int(c)]}": float(ap) for c, ap in zip(box.ap_class_index, box.ap50, strict=True)})
+    return out
 
 
 @torch.no_grad()
@@ -106,8 +109,7 @@ def evaluate(
     for suffix, per_domain in (("", held), ("_hi", high)):
         for domain, stats in per_domain.items():
             out[f"map50{suffix}/{domain}"], out[f"map{suffix}/{domain}"] = _maps([stats], net.names)
-    out["map50/total"], out["map/total"] = _maps(list(held.values()), net.names)
-    out.update(_class_ap50(list(held.values()), net.names))
+    out.update(_total(list(held.values()), net.names))
     if high:
         out["map50_hi/total"], out["map_hi/total"] = _maps(list({**held, **high}.values()), net.names)
     return out
