@@ -72,8 +72,8 @@ def test_a_client_job_with_adaptive_thresholds_reports_them_per_class(tmp_path, 
     )  # a trained detector, so the teacher finds objects; cached after the first test session
     part = synthetic_partition(cfg.data, 2, tmp_path)
 
-    def job_metrics(class_thres: str) -> dict[str, float]:
-        run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"class_thres": class_thres})})
+    def job_metrics(class_thres: str, **train) -> dict[str, float]:
+        run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"class_thres": class_thres, **train})})
         model = build(run_cfg).build_model(build_detector(m.arch, cfg.data.classes, weights=str(weights)))
         full = get_state(model, list(model.state_dict()))  # the frozen backbone too
         worker = ClientWorker(run_cfg.model_dump(mode="json"), {"yaml": model.yaml}, full, threads=1)
@@ -87,6 +87,9 @@ def test_a_client_job_with_adaptive_thresholds_reports_them_per_class(tmp_path, 
     assert min(values) >= cfg.train.ignore_thres and max(values) == pytest.approx(0.3)
     assert min(values) < 0.25  # some class is scored lower than the best one
     assert adaptive["n_pseudo"] > fixed["n_pseudo"] > 0  # no class is cut higher than conf_thres, some lower
+    # an empty uncertain band (ignore_thres above conf_thres) leaves the thresholds at conf_thres
+    banded = job_metrics("adaptive", ignore_thres=0.5)
+    assert [banded[f"class_thres_{c}"] for c in range(len(cfg.data.classes))] == [pytest.approx(0.3)] * 5
     named = class_threshold_metrics([_result(adaptive)], cfg.data.classes)
     assert named == {f"pseudo/class_thres/{name}": v for name, v in zip(cfg.data.classes, values, strict=True)}
 

@@ -134,7 +134,8 @@ class ClientWorker:
             teacher = EMATeacher(model, plan.ema_momentum, keys)
             thresholds = None
             if plan.class_thres == "adaptive":
-                floor = plan.ignore_thres if plan.ignore_thres is not None else plan.conf_thres / 4
+                # the uncertain band's lower edge; a band that is empty (ignore_thres >= conf_thres) has none
+                floor = plan.conf_thres / 4 if plan.ignore_thres is None else min(plan.ignore_thres, plan.conf_thres)
                 thresholds = ClassThresholds(len(self.cfg.data.classes), plan.conf_thres, floor)
             optimizer = make_optimizer(model, plan.lr, plan.weight_decay)
             metrics: dict[str, float] = {}

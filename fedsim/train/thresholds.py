@@ -16,6 +16,8 @@ of class c that reach ``floor`` (the uncertain band's lower edge). The best-scor
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -35,7 +37,7 @@ class ClassThresholds:
         for c in cls.unique().tolist():
             batch_mean = float(conf[cls == c].mean())
             old = float(self.means[c])
-            self.means[c] = batch_mean if old != old else self.momentum * old + (1 - self.momentum) * batch_mean
+            self.means[c] = batch_mean if math.isnan(old) else self.momentum * old + (1 - self.momentum) * batch_mean
 
     def values(self) -> torch.Tensor:
         """The current threshold of every class, ``(num_classes,)``."""
