@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import shutil
 from pathlib import Path
@@ -86,6 +87,10 @@ def test_progress_lines_mlflow_records_and_checkpoints(tiny_run):
             [0, 1, 2] if key in ("round_seconds", "server/box_loss", "phase_seconds/record") else [1, 2]
         ), key
     assert client.get_metric_history(run.run_id, "clients/ok")[-1].value == 2
+    # every federated round says how much of the clients' move the server's epoch left
+    kept = client.get_metric_history(run.run_id, "drift/client_kept")
+    assert sorted(m.step for m in kept) == [1, 2] and all(math.isfinite(m.value) for m in kept)
+    assert all(m.value > 0 for m in client.get_metric_history(run.run_id, "drift/clients"))
     assert client.get_metric_history(run.run_id, "bytes_up")[-1].value > 1e6  # neck + head, float32
     artifacts = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config.yaml", "final_state.npz", "rounds.csv"} <= artifacts

@@ -42,6 +42,7 @@ from fedsim.model.detector import build_detector, get_state, model_spec, set_sta
 from fedsim.privacy import enabled as privacy_enabled
 from fedsim.runtime.callbacks import Callback, Checkpointer, MlflowLogger, latest_checkpoint, load_checkpoint
 from fedsim.runtime.client import ClientActor
+from fedsim.runtime.drift import round_drift
 from fedsim.runtime.nodes import free_per_node, on_node
 from fedsim.runtime.pool import ClientPool
 from fedsim.runtime.private import PrivateAggregate
@@ -253,6 +254,7 @@ class Simulation:
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         clock = PhaseClock(metrics)
+        before = aggregated = None
         if self.strategy.uses_clients:
             global_state = self.state()
             with clock("clients"):
@@ -264,6 +266,7 @@ class Simulation:
             with clock("aggregate"):
                 self.uplink.receive(outcome.kept, global_state)
                 set_state(self.model, self._aggregate(global_state, outcome.kept, rnd, metrics))
+                before, aggregated = global_state, self.state()
             metrics.update(round_metrics(outcome, state_nbytes(global_state)))
             metrics.update(self.strategy.round_metrics(outcome.kept, self.shards))
             metrics.update(pseudo_label_metrics(outcome.kept, self.shards))
@@ -274,6 +277,8 @@ class Simulation:
             plan = self.strategy.server_plan(rnd)
             server_losses = self.server.train_epochs(self.cfg.train.server_epochs, rnd, plan)
             server_losses.update(self.strategy.server_metrics(self.model))
+        if before is not None and aggregated is not None:
+            metrics.update(round_drift(before, aggregated, self.state()))
         metrics.update({f"server/{k}": v for k, v in server_losses.items()})
         if self._evaluates(rnd):
             with clock("eval"):
