@@ -76,7 +76,8 @@ def test_thousand_noop_clients_on_a_fixed_pool_keep_the_driver_flat(local_ray, s
     rows = (out.run_dir / "clients" / "round_0004.csv").read_text().splitlines()
     assert len(rows) == 51 and rows[0].startswith("client_id,profile,status")
     keys = mlflow.tracking.MlflowClient(store).get_run(out.records[-1]["run_id"]).data.metrics
-    assert len(keys) < 40 and not any(k.startswith("client_") for k in keys)
+    # a fixed set of run-level series (41 with the drift/* figures), none per client
+    assert len(keys) < 50 and not any(k.startswith("client_") for k in keys)
     # Driver memory, round 1 -> 4 (index 0 is the warm-up). Its own (private) pages must stay flat. RSS
     # also counts the object-store pages it has read results from (shared memory, ~50 x 7 MB a round),
     # which the store's allocator may place differently from round to round: bounded, not asserted.
