@@ -7,6 +7,10 @@ change projected on the clients' change, as a fraction of it: 1 when the server 
 angles to the clients, 0 when it takes the clients' move back, below 0 when it overshoots.
 
 Only weights count: BatchNorm statistics and integer buffers are not learned by gradient steps.
+``drift/clients`` and ``drift/server`` are relative to the norm of all those weights, which depends
+on the head (FedMox holds K copies of its expert layer, with BatchNorm folded into them), so
+compare them between rounds and settings of one head; ``drift/cosine`` and ``drift/client_kept``
+are scale-free and compare across heads too.
 """
 
 from __future__ import annotations
