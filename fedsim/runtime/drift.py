@@ -19,13 +19,8 @@ import math
 
 import numpy as np
 
+from fedsim.runtime.private import privatised_keys
 from fedsim.types import State
-
-_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def _learned_keys(state: State) -> list[str]:
-    return sorted(k for k, v in state.items() if np.issubdtype(v.dtype, np.floating) and not k.endswith(_STATISTICS))
 
 
 def _flat(state: State, keys: list[str]) -> np.ndarray:
@@ -37,7 +32,7 @@ def _flat(state: State, keys: list[str]) -> np.ndarray:
 def round_drift(before: State, aggregated: State, after: State) -> dict[str, float]:
     """``before``: the state sent to the clients; ``aggregated``: after aggregation; ``after``: after
     the server's epochs. Norms are relative to ``before``'s."""
-    keys = _learned_keys(before)
+    keys = privatised_keys(before, bn_stats_travel=False)  # float weights, no BatchNorm statistics
     b, m, a = (_flat(s, keys) for s in (before, aggregated, after))
     clients, server = m - b, a - m
     scale = max(float(np.linalg.norm(b)), 1e-12)

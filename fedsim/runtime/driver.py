@@ -254,7 +254,7 @@ class Simulation:
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         clock = PhaseClock(metrics)
-        before = aggregated = None
+        moved: tuple[State, State] | None = None  # (sent to the clients, aggregated)
         if self.strategy.uses_clients:
             global_state = self.state()
             with clock("clients"):
@@ -266,7 +266,7 @@ class Simulation:
             with clock("aggregate"):
                 self.uplink.receive(outcome.kept, global_state)
                 set_state(self.model, self._aggregate(global_state, outcome.kept, rnd, metrics))
-                before, aggregated = global_state, self.state()
+                moved = (global_state, self.state())
             metrics.update(round_metrics(outcome, state_nbytes(global_state)))
             metrics.update(self.strategy.round_metrics(outcome.kept, self.shards))
             metrics.update(pseudo_label_metrics(outcome.kept, self.shards))
@@ -277,8 +277,8 @@ class Simulation:
             plan = self.strategy.server_plan(rnd)
             server_losses = self.server.train_epochs(self.cfg.train.server_epochs, rnd, plan)
             server_losses.update(self.strategy.server_metrics(self.model))
-        if before is not None and aggregated is not None:
-            metrics.update(round_drift(before, aggregated, self.state()))
+        if moved is not None:
+            metrics.update(round_drift(*moved, self.state()))
         metrics.update({f"server/{k}": v for k, v in server_losses.items()})
         if self._evaluates(rnd):
             with clock("eval"):
