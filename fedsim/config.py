@@ -239,6 +239,10 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: int = Field(10, ge=0)  # server-only supervised epochs before round 1
     server_epochs: int = Field(1, ge=0)  # supervised server epochs per round
+    # The round's server epochs add server_prox/2 * ||w - w_agg||^2 (w_agg: the weights they start
+    # from, the clients' aggregate), so the server's labels refine what the clients learned instead of
+    # pulling the head back to the server's domain (drift/server, drift/cosine). 0: off; not in warm-up.
+    server_prox: float = Field(0.0, ge=0)
     client_epochs: int = Field(1, gt=0)  # unsupervised local epochs per round
     client_lr: float | None = Field(None, gt=0)  # default: lr; cosine over the rounds like the server's
     client_lr_warmup_rounds: int = Field(1, ge=0)  # client lr ramps up linearly over these first rounds
@@ -282,7 +286,13 @@ class TrainConfig(Section):
 
     @model_serializer(mode="wrap")
     def _omit_defaults_of_new_fields(self, handler) -> dict[str, Any]:
-        new_fields = {"negatives": "band", "eval_every": 1, "box_thres": None, "class_thres": "fixed"}
+        new_fields = {
+            "negatives": "band",
+            "eval_every": 1,
+            "box_thres": None,
+            "class_thres": "fixed",
+            "server_prox": 0.0,
+        }
         return without_defaults(handler(self), new_fields)
 
 

@@ -6,21 +6,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from fedsim.train.proximal import proximal_term
 from strategies.base import Strategy
 
 
 class FedProxParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mu: float = Field(0.001, ge=0.0)  # the value the PSSFL reference implementation uses
-
-
-def proximal_term(model: nn.Module, received: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
-    """``mu / 2 * sum ||w - w_t||^2`` over parameters that train and have a received value."""
-    total = torch.zeros(())
-    for name, param in model.named_parameters():
-        if param.requires_grad and name in received:
-            total = total + (param - received[name].to(param.dtype)).pow(2).sum()
-    return 0.5 * mu * total
 
 
 class FedProx(Strategy):

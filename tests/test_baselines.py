@@ -9,10 +9,10 @@ from fedsim.data.synthetic_format import prepare as synthetic_partition
 from fedsim.model.detector import build_detector, get_state, trainable_keys
 from fedsim.preflight import load
 from fedsim.runtime.client import ClientWorker
+from fedsim.train.proximal import proximal_term
 from fedsim.train.supervised import make_loader
 from fedsim.types import ClientJob, ServerPlan
 from strategies import build
-from strategies.fedprox import proximal_term
 from strategies.fedsto import orthogonality_penalty
 from tests.conftest import TINY
 
@@ -100,6 +100,35 @@ def test_centralized_strategies_shape_the_run():
     model = strategy("scl_full").build_model(build_detector("yolov8n.yaml", list("abcde")))
     assert model.model[0].conv.weight.requires_grad
     assert len(strategy("scl_full").state_keys(model)) == len(model.state_dict())
+
+
+def test_server_prox_keeps_the_round_epochs_near_the_aggregate(shard, cpu_threads):
+    from fedsim.runtime.server import ServerTrainer
+
+    cfg, part = shard
+
+    def server_step(mu: float) -> float:
+        train = cfg.train.model_copy(update={"server_prox": mu, "batch": 1})
+        torch.manual_seed(0)
+        model = build_detector(cfg.model.arch, cfg.data.classes)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        ServerTrainer(model, part, cfg.model_copy(update={"train": train})).train_epochs(1, 1, ServerPlan())
+        return sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters()) ** 0.5
+
+    free, pulled = server_step(0.0), server_step(1e6)
+    assert free > 0 and pulled < 0.5 * free
+
+
+def test_with_proximal_adds_the_term_to_the_strategys_own():
+    from fedsim.runtime.server import with_proximal
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    anchor = {"weight": torch.tensor([[1.0]])}
+    assert with_proximal(None, anchor, 0.5)(model).item() == pytest.approx(0.25 * 4.0)
+    own = with_proximal(lambda m: m.weight.sum(), anchor, 0.5)(model)
+    assert own.item() == pytest.approx(3.0 + 1.0)
 
 
 def test_oracle_trains_every_holder_at_its_own_resolution(shard):

@@ -41,6 +41,16 @@ def test_config_key_ignores_tracking_only():
     assert a.key() == b.key() != c.key()
 
 
+def test_server_prox_at_its_default_keeps_every_recorded_run_key():
+    base = ExperimentConfig()
+    assert "server_prox" not in base.model_dump(mode="json")["train"]
+    assert ExperimentConfig.model_validate({"train": {"server_prox": 0.0}}).key() == base.key()
+    pulled = ExperimentConfig.model_validate({"train": {"server_prox": 10.0}})
+    assert pulled.key() != base.key() and pulled.flat()["train.server_prox"] == "10.0"
+    with pytest.raises(ValueError, match="server_prox"):
+        ExperimentConfig.model_validate({"train": {"server_prox": -1}})
+
+
 def test_cli_rejects_bad_config_before_starting_ray(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text().replace("sampling_rate: 1.0", "sampling_rate: 1.5"))

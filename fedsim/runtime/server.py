@@ -14,6 +14,7 @@ from torch import nn
 from fedsim.config import ExperimentConfig
 from fedsim.data.partition import Partition
 from fedsim.train.evaluate import evaluate
+from fedsim.train.proximal import proximal_term, trainable_anchor
 from fedsim.train.supervised import (
     ResolutionGroups,
     build_dataset,
@@ -22,12 +23,23 @@ from fedsim.train.supervised import (
     make_optimizer,
     supervised_epoch,
 )
-from fedsim.types import ServerPlan
+from fedsim.types import ExtraLoss, ServerPlan
 
 
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed from the root seed and a position (round, client, ...)."""
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0] >> 1)
+
+
+def with_proximal(extra_loss: ExtraLoss | None, anchor: dict[str, torch.Tensor], mu: float) -> ExtraLoss:
+    """``extra_loss`` (the strategy's, if any) plus ``proximal_term(model, anchor, mu)``."""
+
+    def combined(model: nn.Module) -> torch.Tensor:
+        own = extra_loss(model) if extra_loss else None
+        prox = proximal_term(model, anchor, mu)
+        return prox if own is None else own + prox
+
+    return combined
 
 
 class ServerTrainer:
@@ -73,14 +85,16 @@ class ServerTrainer:
     def num_samples(self) -> int:
         return len(self.server_set)
 
-    def _epoch(self, plan: ServerPlan, optimizer: torch.optim.Optimizer, seed: int) -> dict[str, float]:
+    def _epoch(
+        self, plan: ServerPlan, optimizer: torch.optim.Optimizer, seed: int, extra_loss: ExtraLoss | None
+    ) -> dict[str, float]:
         loader = make_loader(self.dataset(plan), self.train_cfg.batch, shuffle=True, seed=seed)
         return supervised_epoch(
             self.model,
             loader,
             optimizer,
             seed=seed,
-            extra_loss=plan.extra_loss,
+            extra_loss=extra_loss,
             frozen_backbone=plan.frozen_backbone,
             scale=self.train_cfg.server_scale,
         )
@@ -92,20 +106,24 @@ class ServerTrainer:
         for e in range(epochs):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(self.train_cfg.warmup_lr, e, epochs)
-            out = self._epoch(plan, optimizer, derive_seed(self.cfg.seed, 0, e, 1))
+            out = self._epoch(plan, optimizer, derive_seed(self.cfg.seed, 0, e, 1), plan.extra_loss)
         return out
 
     def train_epochs(self, epochs: int, rnd: int, plan: ServerPlan) -> dict[str, float]:
         """``epochs`` supervised epochs in round ``rnd``; lr follows a cosine over the rounds.
 
         A fresh optimizer each epoch keeps the server's state to the weights alone, so a
-        resumed run is identical to an uninterrupted one.
+        resumed run is identical to an uninterrupted one. With ``train.server_prox`` the epochs
+        are pulled towards the weights they start from (the round's aggregate).
         """
         lr = cosine_lr(self.train_cfg.lr, rnd - 1, self.cfg.rounds)
+        extra_loss = plan.extra_loss
+        if self.train_cfg.server_prox > 0:
+            extra_loss = with_proximal(extra_loss, trainable_anchor(self.model), self.train_cfg.server_prox)
         out: dict[str, float] = {}
         for e in range(epochs):
             optimizer = make_optimizer(self.model, lr, self.train_cfg.weight_decay)
-            out = self._epoch(plan, optimizer, derive_seed(self.cfg.seed, rnd, e, 2))
+            out = self._epoch(plan, optimizer, derive_seed(self.cfg.seed, rnd, e, 2), extra_loss)
         return out
 
     @torch.no_grad()
