@@ -9,7 +9,7 @@ from fedsim.data.synthetic_format import prepare as synthetic_partition
 from fedsim.model.detector import build_detector, get_state, trainable_keys
 from fedsim.preflight import load
 from fedsim.runtime.client import ClientWorker
-from fedsim.train.proximal import proximal_term
+from fedsim.train.proximal import proximal_term, with_proximal
 from fedsim.train.supervised import make_loader
 from fedsim.types import ClientJob, ServerPlan
 from strategies import build
@@ -120,8 +120,6 @@ def test_server_prox_keeps_the_round_epochs_near_the_aggregate(shard, cpu_thread
 
 
 def test_with_proximal_adds_the_term_to_the_strategys_own():
-    from fedsim.runtime.server import with_proximal
-
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(3.0)

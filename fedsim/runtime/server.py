@@ -7,6 +7,8 @@ resumed): the trainer keeps no setting a strategy could have changed behind its 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ from torch import nn
 from fedsim.config import ExperimentConfig
 from fedsim.data.partition import Partition
 from fedsim.train.evaluate import evaluate
-from fedsim.train.proximal import proximal_term, trainable_anchor
+from fedsim.train.proximal import trainable_anchor, with_proximal
 from fedsim.train.supervised import (
     ResolutionGroups,
     build_dataset,
@@ -23,23 +25,12 @@ from fedsim.train.supervised import (
     make_optimizer,
     supervised_epoch,
 )
-from fedsim.types import ExtraLoss, ServerPlan
+from fedsim.types import ServerPlan
 
 
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed from the root seed and a position (round, client, ...)."""
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0] >> 1)
-
-
-def with_proximal(extra_loss: ExtraLoss | None, anchor: dict[str, torch.Tensor], mu: float) -> ExtraLoss:
-    """``extra_loss`` (the strategy's, if any) plus ``proximal_term(model, anchor, mu)``."""
-
-    def combined(model: nn.Module) -> torch.Tensor:
-        own = extra_loss(model) if extra_loss else None
-        prox = proximal_term(model, anchor, mu)
-        return prox if own is None else own + prox
-
-    return combined
 
 
 class ServerTrainer:
@@ -85,16 +76,14 @@ class ServerTrainer:
     def num_samples(self) -> int:
         return len(self.server_set)
 
-    def _epoch(
-        self, plan: ServerPlan, optimizer: torch.optim.Optimizer, seed: int, extra_loss: ExtraLoss | None
-    ) -> dict[str, float]:
+    def _epoch(self, plan: ServerPlan, optimizer: torch.optim.Optimizer, seed: int) -> dict[str, float]:
         loader = make_loader(self.dataset(plan), self.train_cfg.batch, shuffle=True, seed=seed)
         return supervised_epoch(
             self.model,
             loader,
             optimizer,
             seed=seed,
-            extra_loss=extra_loss,
+            extra_loss=plan.extra_loss,
             frozen_backbone=plan.frozen_backbone,
             scale=self.train_cfg.server_scale,
         )
@@ -106,7 +95,7 @@ class ServerTrainer:
         for e in range(epochs):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(self.train_cfg.warmup_lr, e, epochs)
-            out = self._epoch(plan, optimizer, derive_seed(self.cfg.seed, 0, e, 1), plan.extra_loss)
+            out = self._epoch(plan, optimizer, derive_seed(self.cfg.seed, 0, e, 1))
         return out
 
     def train_epochs(self, epochs: int, rnd: int, plan: ServerPlan) -> dict[str, float]:
@@ -117,13 +106,13 @@ class ServerTrainer:
         are pulled towards the weights they start from (the round's aggregate).
         """
         lr = cosine_lr(self.train_cfg.lr, rnd - 1, self.cfg.rounds)
-        extra_loss = plan.extra_loss
         if self.train_cfg.server_prox > 0:
-            extra_loss = with_proximal(extra_loss, trainable_anchor(self.model), self.train_cfg.server_prox)
+            pull = with_proximal(plan.extra_loss, trainable_anchor(self.model), self.train_cfg.server_prox)
+            plan = replace(plan, extra_loss=pull)
         out: dict[str, float] = {}
         for e in range(epochs):
             optimizer = make_optimizer(self.model, lr, self.train_cfg.weight_decay)
-            out = self._epoch(plan, optimizer, derive_seed(self.cfg.seed, rnd, e, 2), extra_loss)
+            out = self._epoch(plan, optimizer, derive_seed(self.cfg.seed, rnd, e, 2))
         return out
 
     @torch.no_grad()

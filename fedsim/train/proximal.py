@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedsim.types import ExtraLoss
+
 
 def proximal_term(model: nn.Module, anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
     """``mu / 2 * sum ||w - w_anchor||^2`` over parameters that train and have an anchor value."""
@@ -19,3 +21,14 @@ def proximal_term(model: nn.Module, anchor: dict[str, torch.Tensor], mu: float) 
 def trainable_anchor(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every parameter that trains: where a proximal term pulls back to."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def with_proximal(extra_loss: ExtraLoss | None, anchor: dict[str, torch.Tensor], mu: float) -> ExtraLoss:
+    """``extra_loss`` (the strategy's, if any) plus ``proximal_term(model, anchor, mu)``."""
+
+    def combined(model: nn.Module) -> torch.Tensor:
+        own = extra_loss(model) if extra_loss else None
+        prox = proximal_term(model, anchor, mu)
+        return prox if own is None else own + prox
+
+    return combined
