@@ -1,6 +1,8 @@
 """The committed tables name commands that regenerate them (``benchmarks/tables.py``)."""
 
 import importlib.util
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,6 +22,20 @@ def test_every_committed_table_names_a_command_that_writes_it_back_in_place():
         assert t.is_fedsim_table or (t.argv[0] == "python" and t.argv[1].startswith("benchmarks/")), t.name
         assert t.argv[t.argv.index("--out") + 1] == f"benchmarks/results/{t.name}", t.name
         assert Path(tables.executable(t.argv)[0]).parent == Path(sys.executable).parent
+
+
+def test_the_results_readme_shows_each_fedsim_tables_own_command():
+    # A reader copies the README's command; it must be the one the table names, --set for --set.
+    readme = (REPO / "benchmarks" / "results" / "README.md").read_text()
+    shown = [shlex.split(block.replace("\\\n", " ")) for block in re.findall(r"```bash\n(.*?)```", readme, re.S)]
+    for t in tables.find_tables():
+        if not t.is_fedsim_table:
+            continue
+        own = [a for a in t.argv if a != "--recorded-only"]
+        out = f"benchmarks/results/{t.name}"
+        mine = [argv for argv in shown if "--out" in argv and argv[argv.index("--out") + 1] == out]
+        assert mine, f"no command block in benchmarks/results/README.md writes {out}"
+        assert sorted(mine[0]) == sorted(own), (t.name, shlex.join(mine[0]), shlex.join(own))
 
 
 def test_a_table_without_a_command_is_refused(tmp_path):
