@@ -42,7 +42,14 @@ class Section(BaseModel):
 
 def without_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """``data`` less the fields that equal their ``defaults`` (see ``_OMITTED_AT_DEFAULT``)."""
-    return {k: v for k, v in data.items() if k not in defaults or v != defaults[k]}
+    return {k: v for k, v in data.items() if k not in defaults or not _same(v, defaults[k])}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, a tuple equal to the list it serialises to in JSON mode."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
 
 
 class DataConfig(Section):
@@ -247,6 +254,10 @@ class TrainConfig(Section):
     client_lr: float | None = Field(None, gt=0)  # default: lr; cosine over the rounds like the server's
     client_lr_warmup_rounds: int = Field(1, ge=0)  # client lr ramps up linearly over these first rounds
     ema_momentum: float = Field(0.99, ge=0, lt=1)  # client teacher, reset from the received model each job
+    # The teacher labels each weak view at these integer upscalings (bilinear) and one NMS merges their
+    # detections: at 2x a low-resolution client image shows objects at the size the server's images
+    # taught, so the teacher finds small objects the 1x view misses (fedsim/train/pseudo.py).
+    teacher_scales: tuple[int, ...] = (1,)
     conf_thres: float = Field(0.4, gt=0, lt=1)  # pseudo-label confidence threshold (FedSTO's tau2)
     ignore_thres: float | None = Field(0.1, ge=0, lt=1)  # scores in [this, conf_thres): no class loss (tau1)
     # Class targets where the teacher drew no pseudo-box: "band": 0, except no loss in the uncertain
@@ -284,6 +295,13 @@ class TrainConfig(Section):
     # rounds between log no map50 metrics. Sweeps need 1: their schedulers compare every round.
     eval_every: int = Field(1, gt=0)
 
+    @field_validator("teacher_scales")
+    @classmethod
+    def _scales(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or min(v) < 1 or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct integers >= 1, got {list(v)}")
+        return tuple(sorted(v))
+
     @model_serializer(mode="wrap")
     def _omit_defaults_of_new_fields(self, handler) -> dict[str, Any]:
         new_fields = {
@@ -292,6 +310,7 @@ class TrainConfig(Section):
             "box_thres": None,
             "class_thres": "fixed",
             "server_prox": 0.0,
+            "teacher_scales": (1,),
         }
         return without_defaults(handler(self), new_fields)
 
@@ -333,6 +352,7 @@ CLIENT_SIDE_SETTINGS = (
     "train.client_lr",
     "train.client_lr_warmup_rounds",
     "train.ema_momentum",
+    "train.teacher_scales",
     "train.conf_thres",
     "train.ignore_thres",
     "train.negatives",

@@ -47,6 +47,7 @@ class ClientPlan:
     negatives: str = "band"  # class targets off the pseudo-boxes: "band" (0, uncertain band ignored) | "soft"
     box_thres: float | None = None  # pseudo-boxes under this confidence teach no box regression
     class_thres: str = "fixed"  # "fixed": conf_thres for every class | "adaptive": fedsim.train.thresholds
+    teacher_scales: tuple[int, ...] = (1,)  # the teacher labels the weak view at these integer upscalings
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,7 @@ class Strategy:
             negatives=t.negatives,
             box_thres=t.box_thres,
             class_thres=t.class_thres,
+            teacher_scales=tuple(t.teacher_scales),
         )
 
     def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:

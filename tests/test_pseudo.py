@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from fedsim.train.augment import Affine, apply_geometric
-from fedsim.train.pseudo import EMATeacher, pseudo_labels, warp_scores
+from fedsim.train.pseudo import EMATeacher, pseudo_labels, teacher_views, warp_scores
 
 
 class FixedDetector(nn.Module):
@@ -149,3 +149,34 @@ def test_box_threshold_removes_the_box_losses_and_keeps_the_class_loss():
     torch.testing.assert_close(above_all[1], every[1])  # the class loss is the same
     assert 0 < between[0] < every[0] and 0 < between[2] < every[2]
     torch.testing.assert_close(between[1], every[1])
+
+
+class _ScaleMarkingTeacher(nn.Module):
+    """Two levels (strides 8, 16); a box at the input's centre; class scores that say which input size it saw."""
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = img.shape
+        anchors = (h // 8) * (w // 8) + (h // 16) * (w // 16)
+        out = torch.zeros(b, 4 + 2, anchors)
+        out[:, :4] = torch.tensor([w / 2, h / 2, 10.0, 10.0]).view(1, 4, 1)
+        if h == 32:  # 1x: class 0 at level-16 cell (1, 0); class 1 weakly at level-8 cell (2, 1)
+            out[:, 4, 16 + 1 * 2 + 0] = 0.3
+            out[:, 5, 2 * 4 + 1] = 0.2
+        else:  # 2x: class 1 at level-8 fine cell (5, 2), which lies in the 1x cell (2, 1)
+            out[:, 5, 5 * 8 + 2] = 0.9
+        return out
+
+
+def test_teacher_views_bring_an_upscaled_view_back_to_the_images_pixels_and_grid():
+    img = torch.rand(1, 3, 32, 32)
+    preds, scores = teacher_views(_ScaleMarkingTeacher(), img, (1, 2), [8, 16])
+    assert preds.shape == (1, 6, 20 + 80)  # both scales' anchors, for one NMS
+    assert torch.equal(preds[0, :4, 0], torch.tensor([16.0, 16.0, 10.0, 10.0]))
+    assert torch.equal(preds[0, :4, 20], torch.tensor([16.0, 16.0, 5.0, 5.0]))  # 2x box in 1x pixels
+    assert scores.shape == (1, 20, 2)  # the 1x grid
+    expected = torch.zeros(20, 2)
+    expected[18, 0] = 0.3
+    expected[9, 1] = 0.9  # the 2x score, max-pooled onto its 1x cell, above the 1x 0.2
+    assert torch.equal(scores[0], expected)
+    plain, plain_scores = teacher_views(_ScaleMarkingTeacher(), img, (1,), [8, 16])
+    assert plain.shape == (1, 6, 20) and plain_scores[0, 9, 1] == 0.2

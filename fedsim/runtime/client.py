@@ -154,6 +154,7 @@ class ClientWorker:
                     negatives=plan.negatives,
                     box_thres=plan.box_thres,
                     thresholds=thresholds,
+                    teacher_scales=plan.teacher_scales,
                     freeze_bn=plan.freeze_bn,
                     strong=strong,
                     extra_loss=partial(self.strategy.client_loss_terms, received=received, rnd=job.round),

@@ -8,6 +8,9 @@ Hard pseudo-labels miss objects; treating every unlabeled location as background
 the student to see less each round, and the federation collapses. So, as FedSTO's tau1/tau2
 scheme does, a class score the teacher gives in the uncertain band ``[ignore_thres, conf_thres)``
 is left out of the student's classification loss (neither object nor background).
+
+With ``train.teacher_scales`` the teacher also labels the weak view upscaled (``teacher_views``): a
+client's low-resolution objects then appear at the sizes the server's images taught it.
 """
 
 from __future__ import annotations
@@ -126,6 +129,39 @@ def teacher_predict(teacher: nn.Module, img: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def teacher_views(
+    teacher: nn.Module, img: torch.Tensor, scales: tuple[int, ...], strides: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's detections on ``img`` at each integer upscaling in ``scales``, and its class scores.
+
+    Returns ``preds (B, 4 + nc, anchors)``: every scale's decoded output with its boxes in ``img``'s
+    pixels, concatenated along the anchors (one NMS then merges the scales), and ``scores
+    (B, anchors_1x, nc)``: per anchor of ``img``'s own grid, the highest class score any scale gave
+    there. At ``s``x a level's map is ``s`` times finer, so an ``s x s`` max-pool brings it back onto
+    the 1x grid (``img``'s sides must be multiples of the largest stride, as every loader's are).
+    """
+    height, width = img.shape[2:]
+    outputs, scores = [], None
+    for s in scales:
+        view = img if s == 1 else nn.functional.interpolate(img, scale_factor=s, mode="bilinear", align_corners=False)
+        preds = teacher_predict(teacher, view)
+        if s != 1:
+            preds = torch.cat([preds[:, :4] / s, preds[:, 4:]], 1)
+        outputs.append(preds)
+        levels, start = [], 0
+        for stride in strides:
+            h, w = height // stride, width // stride
+            n = h * w * s * s
+            level = preds[:, 4:, start : start + n].reshape(preds.shape[0], -1, h * s, w * s)
+            levels.append(nn.functional.max_pool2d(level, s).flatten(2) if s != 1 else level.flatten(2))
+            start += n
+        pooled = torch.cat(levels, 2).permute(0, 2, 1)
+        scores = pooled if scores is None else torch.maximum(scores, pooled)
+    assert scores is not None, "no teacher scale"
+    return torch.cat(outputs, 2), scores
+
+
+@torch.no_grad()
 def pseudo_labels(
     teacher: nn.Module, img: torch.Tensor, conf_thres: float, iou_thres: float, max_det: int = 100
 ) -> dict[str, torch.Tensor]:
@@ -209,6 +245,7 @@ def unsupervised_epoch(
     strong: StrongAugment | None = None,
     box_thres: float | None = None,
     thresholds: ClassThresholds | None = None,
+    teacher_scales: tuple[int, ...] = (1,),
 ) -> dict[str, float]:
     """One local epoch on unlabeled images: the teacher labels a weak view, the student learns a strong one.
 
@@ -227,6 +264,7 @@ def unsupervised_epoch(
     regression (None: every pseudo-box teaches both; see ``ReliableBoxAssigner``).
     ``thresholds``: per-class thresholds in place of ``conf_thres``, updated from every batch's
     teacher detections (``fedsim.train.thresholds``; None: ``conf_thres`` for every class).
+    ``teacher_scales``: the integer upscalings the teacher labels the weak view at (``teacher_views``).
     ``freeze_bn``: keep BatchNorm statistics as received. Low-res, shifted client batches would
     otherwise rewrite the running statistics the server's high-res images are normalised with.
     """
@@ -239,7 +277,7 @@ def unsupervised_epoch(
         img = raw["img"].to(device).float() / 255.0
         flip = torch.rand(img.shape[0], generator=generator) < 0.5
         img[flip] = img[flip].flip(-1)  # the weak view
-        preds = teacher_predict(teacher.model, img)
+        preds, scores = teacher_views(teacher.model, img, teacher_scales, strides)
         thres: float | torch.Tensor = conf_thres
         if thresholds is None:
             batch = {"img": img, **pseudo_labels(preds, img, conf_thres, iou_thres)}
@@ -254,7 +292,6 @@ def unsupervised_epoch(
         n_pseudo += int(batch["cls"].shape[0])
         if len(raw.get("cls", ())):
             quality = quality + match_counts(batch, _flipped_truth(raw, flip, device))
-        scores = preds[:, 4:].permute(0, 2, 1)
         if strong is not None:
             n, _, height, width = img.shape
             params = [draw_affine(generator, strong, height, width) for _ in range(n)] if strong.geometric else None
