@@ -51,6 +51,17 @@ def test_server_prox_at_its_default_keeps_every_recorded_run_key():
         ExperimentConfig.model_validate({"train": {"server_prox": -1}})
 
 
+def test_teacher_scales_at_their_default_keep_every_recorded_run_key():
+    base = ExperimentConfig()
+    assert "teacher_scales" not in base.model_dump(mode="json")["train"]
+    assert ExperimentConfig.model_validate({"train": {"teacher_scales": [1]}}).key() == base.key()
+    both = ExperimentConfig.model_validate({"train": {"teacher_scales": [2, 1]}})
+    assert both.train.teacher_scales == (1, 2) and both.key() != base.key()
+    for bad in ([], [0, 1], [2, 2]):
+        with pytest.raises(ConfigError, match="train.teacher_scales must be distinct integers >= 1"):
+            parse({"train": {"teacher_scales": bad}})
+
+
 def test_cli_rejects_bad_config_before_starting_ray(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text().replace("sampling_rate: 1.0", "sampling_rate: 1.5"))
