@@ -128,6 +128,20 @@ def teacher_predict(teacher: nn.Module, img: torch.Tensor) -> torch.Tensor:
     return preds[0] if isinstance(preds, (tuple, list)) else preds
 
 
+def level_maps(x: torch.Tensor, height: int, width: int, strides: list[int]) -> list[torch.Tensor]:
+    """Per-anchor values ``(B, C, anchors)`` of an ``height x width`` input as one ``(B, C, h, w)`` map per level.
+
+    Anchors are each level's grid, flattened row-major, levels in stride order (Ultralytics'
+    ``make_anchors``).
+    """
+    maps, start = [], 0
+    for stride in strides:
+        h, w = height // stride, width // stride
+        maps.append(x[:, :, start : start + h * w].reshape(x.shape[0], x.shape[1], h, w))
+        start += h * w
+    return maps
+
+
 @torch.no_grad()
 def teacher_views(
     teacher: nn.Module, img: torch.Tensor, scales: tuple[int, ...], strides: list[int]
@@ -143,22 +157,19 @@ def teacher_views(
     height, width = img.shape[2:]
     outputs, scores = [], None
     for s in scales:
-        view = img if s == 1 else nn.functional.interpolate(img, scale_factor=s, mode="bilinear", align_corners=False)
-        preds = teacher_predict(teacher, view)
-        if s != 1:
+        if s == 1:
+            preds = teacher_predict(teacher, img)
+            grid = preds[:, 4:]
+        else:
+            view = nn.functional.interpolate(img, scale_factor=s, mode="bilinear", align_corners=False)
+            preds = teacher_predict(teacher, view)
             preds = torch.cat([preds[:, :4] / s, preds[:, 4:]], 1)
+            fine = level_maps(preds[:, 4:], height * s, width * s, strides)
+            grid = torch.cat([nn.functional.max_pool2d(level, s).flatten(2) for level in fine], 2)
         outputs.append(preds)
-        levels, start = [], 0
-        for stride in strides:
-            h, w = height // stride, width // stride
-            n = h * w * s * s
-            level = preds[:, 4:, start : start + n].reshape(preds.shape[0], -1, h * s, w * s)
-            levels.append(nn.functional.max_pool2d(level, s).flatten(2) if s != 1 else level.flatten(2))
-            start += n
-        pooled = torch.cat(levels, 2).permute(0, 2, 1)
-        scores = pooled if scores is None else torch.maximum(scores, pooled)
+        scores = grid if scores is None else torch.maximum(scores, grid)
     assert scores is not None, "no teacher scale"
-    return torch.cat(outputs, 2), scores
+    return torch.cat(outputs, 2), scores.permute(0, 2, 1)
 
 
 @torch.no_grad()
@@ -193,16 +204,14 @@ def pseudo_labels(
 def warp_scores(scores: torch.Tensor, params: list[Affine], hw: tuple[int, int], strides: list[int]) -> torch.Tensor:
     """Teacher class scores ``(B, anchors, nc)`` on the weak view, moved into the strong view's geometry.
 
-    Anchors are each level's grid, flattened row-major, levels in stride order (Ultralytics'
-    ``make_anchors``). Every level map goes through the image's affine transform in its own pixel
+    Every level map (``level_maps``) goes through the image's affine transform in its own pixel
     units (nearest neighbour); locations that come from outside the image get score 0, i.e. plain
     background, as the padding there is.
     """
     height, width = hw
-    out, start = [], 0
-    for stride in strides:
-        h, w = height // stride, width // stride
-        level = scores[:, start : start + h * w].reshape(scores.shape[0], h, w, -1).permute(0, 3, 1, 2)
+    out = []
+    for stride, level in zip(strides, level_maps(scores.permute(0, 2, 1), height, width, strides), strict=True):
+        h, w = level.shape[2:]
         warped = torch.stack(
             [
                 TF.horizontal_flip(moved) if p.flip else moved
@@ -224,7 +233,6 @@ def warp_scores(scores: torch.Tensor, params: list[Affine], hw: tuple[int, int],
             ]
         )
         out.append(warped.permute(0, 2, 3, 1).reshape(scores.shape[0], h * w, -1))
-        start += h * w
     return torch.cat(out, 1)
 
 
