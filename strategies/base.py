@@ -128,8 +128,9 @@ class Strategy:
         ``received`` is the global state the client started from."""
         return None
 
-    def begin_training(self, model: nn.Module) -> None:
-        """Before a client's local training and before the server's epochs (FedMox: reset routing counts)."""
+    def begin_training(self, model: nn.Module, client_id: int | None = None) -> None:
+        """Before a client's local training (``client_id``: whose) and before the server's epochs
+        (``None``). FedMox resets its routing counts and, routing by client, picks the experts."""
 
     def client_metrics(self, model: nn.Module) -> dict[str, float]:
         """Figures a client reports besides its losses (FedMox: routing counts)."""

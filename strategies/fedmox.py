@@ -13,6 +13,13 @@
   half, with weight ``route_coef``. The server's scale-jittered batches fall on both sides, the
   clients' always on the low side, so the server's epoch and the clients' pseudo-labels stop
   pulling the same experts; at test time the learned router alone decides.
+- Optional client routing (``route_by: client``, ``router: image`` advised): experts become domain
+  heads. Client ``i`` trains (and its teacher labels with) expert ``1 + i mod (K - 1)`` alone; the
+  server's epochs train every expert alike on the mean of their outputs and keep expert 0 for the
+  server's own images. The router is trained, with weight ``route_coef``, to predict that expert
+  from the image, and alone decides at test time. With clients dealt domains round robin (the
+  embedded benchmark's layout, ``N`` a multiple of ``K - 1 = 3`` domains) each expert holds one
+  domain: a ceiling for what domain-aware experts can add, not a clustering of unknown domains.
 - Optional expert-usage weighting: each expert's slice is averaged with client weights
   ``n_i * share of locations client i routed to that expert``, so an expert a client never used is
   not pulled toward that client's untouched copy.
@@ -47,11 +54,11 @@ class FedMoxParams(BaseModel):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     balance_coef: float = Field(0.0, ge=0.0)
     init_noise: float = Field(0.01, ge=0.0)
-    router: Literal["spatial", "global"] = "spatial"
+    router: Literal["spatial", "image", "global"] = "spatial"
     usage_weighting: bool = False
     # 1: experts are the last 1x1 projections behind shared 3x3 stems; 2: the last 3x3 conv too.
     expert_depth: int = Field(2, ge=1, le=2)
-    route_by: Literal["none", "resolution"] = "none"
+    route_by: Literal["none", "resolution", "client"] = "none"
     route_coef: float = Field(1.0, ge=0.0)
 
     @model_validator(mode="after")
@@ -111,8 +118,16 @@ class FedMox(Strategy):
         return self.params.route_by == "resolution" and self.params.route_coef > 0
 
     @property
+    def _routes_by_client(self) -> bool:
+        return self.params.route_by == "client"
+
+    @property
     def _has_extra_loss(self) -> bool:
-        return self.params.balance_coef > 0 or self._routes_by_resolution
+        return self.params.balance_coef > 0 or self._routes_by_resolution or self._routes_by_client
+
+    def client_expert(self, client_id: int) -> int:
+        """The expert client ``client_id`` trains under client routing (expert 0 is the server's)."""
+        return 1 + client_id % (self.params.num_experts - 1)
 
     def resolution_group(self, head: MoEDetect) -> list[int]:
         """The experts the last forward's input should route to: the first half for inputs at least
@@ -134,13 +149,21 @@ class FedMox(Strategy):
         if self._routes_by_resolution:
             head = moe_head(model)
             loss = loss + p.route_coef * group_routing_loss(head, self.resolution_group(head))
+        if self._routes_by_client and p.route_coef > 0:
+            head = moe_head(model)
+            target = 0 if head.force_expert is None else head.force_expert  # the server trains unforced
+            loss = loss + p.route_coef * group_routing_loss(head, [target])
         return loss
 
     def client_loss_terms(self, model: nn.Module, received: dict[str, torch.Tensor], rnd: int) -> torch.Tensor | None:
         return self.extra_loss(model)
 
-    def begin_training(self, model: nn.Module) -> None:
-        moe_head(model).reset_routing_stats()
+    def begin_training(self, model: nn.Module, client_id: int | None = None) -> None:
+        head = moe_head(model)
+        head.reset_routing_stats()
+        if self._routes_by_client:
+            head.force_expert = None if client_id is None else self.client_expert(client_id)
+            head.average_experts = client_id is None
 
     def client_metrics(self, model: nn.Module) -> dict[str, float]:
         counts = moe_head(model).routing_counts.tolist()
@@ -148,13 +171,19 @@ class FedMox(Strategy):
 
     def aggregate(self, global_state: State, results: list[ClientResult], rnd: int) -> State:
         averaged = super().aggregate(global_state, results, rnd)
-        if self.params.usage_weighting:
-            averaged.update(self._usage_weighted_experts(global_state, results))
+        k = self.params.num_experts
+        if self._routes_by_client:  # a client trained its own expert only
+            usage = np.array([np.eye(k)[self.client_expert(r.client_id)] for r in results])
+            averaged.update(self._usage_weighted_experts(global_state, results, usage))
+        elif self.params.usage_weighting:
+            usage = np.array([_routing_counts(r, k) for r in results])
+            averaged.update(self._usage_weighted_experts(global_state, results, usage))
         return mix(global_state, averaged, self.params.alpha)
 
-    def _usage_weighted_experts(self, global_state: State, results: list[ClientResult]) -> State:
+    def _usage_weighted_experts(self, global_state: State, results: list[ClientResult], usage: np.ndarray) -> State:
+        """Each expert's slice averaged over the clients that used it, weighted by ``n_i * share``
+        (``usage``: clients x experts); an expert nobody used keeps its global value."""
         k = self.params.num_experts
-        usage = np.array([_routing_counts(r, k) for r in results])
         share = usage / np.maximum(usage.sum(1, keepdims=True), 1)
         weights = share * np.array([r.num_samples for r in results], float)[:, None]  # (clients, K)
         out: State = {}

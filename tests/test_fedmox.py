@@ -178,3 +178,43 @@ def test_resolution_routing_sends_low_res_inputs_to_the_second_half_of_the_exper
 def test_resolution_routing_needs_two_experts():
     with pytest.raises(ValueError, match="num_experts >= 2"):
         fedmox(num_experts=1, route_by="resolution")
+
+
+def test_client_routing_trains_each_clients_expert_and_the_server_all_of_them(cpu_threads):
+    cfg = load(TINY, ["strategy.name=fedmox", "strategy.params.route_by=client", "strategy.params.router=image"])
+    strategy = build(cfg)
+    model = strategy.build_model(build_detector(cfg.model.arch, cfg.data.classes))
+    head = moe_head(model)
+    assert [strategy.client_expert(c) for c in range(7)] == [1, 2, 3, 1, 2, 3, 1]  # expert 0: the server's
+    strategy.begin_training(model, client_id=4)
+    assert head.force_expert == 2 and not head.average_experts
+    train_mode(model)
+    model(torch.rand(2, 3, 64, 96))
+    # the routing loss pulls toward the client's expert: -log p_2, the same at every location of an image
+    logits = head.last_router_logits[0]
+    want = -logits.log_softmax(dim=1)[:, 2].mean()
+    torch.testing.assert_close(strategy.extra_loss(model), want)  # route_coef 1
+    strategy.begin_training(model)  # the server: every expert trains, its own images route to expert 0
+    assert head.force_expert is None and head.average_experts
+    model(torch.rand(2, 3, 64, 96))
+    torch.testing.assert_close(strategy.extra_loss(model), -head.last_router_logits[0].log_softmax(dim=1)[:, 0].mean())
+
+
+def test_client_routing_averages_an_expert_over_the_clients_that_trained_it():
+    strategy = fedmox(num_experts=3, alpha=0.0, route_by="client")
+    key = "model.22.box_experts.0.weight"
+    g = {key: np.zeros((3, 1), np.float32), "neck": np.zeros(1, np.float32)}
+
+    def result(client: int, expert_values: list[float], n: int) -> ClientResult:
+        update = {
+            key: np.array([[v] for v in expert_values], np.float32),
+            "neck": np.array([float(client)], np.float32),
+        }
+        return ClientResult(client, 1, update, n)
+
+    # clients 0 and 2 train expert 1, client 1 expert 2; untrained slices drifted (weight decay) and must not count
+    out = strategy.aggregate(
+        g, [result(0, [-1.0, 2.0, -1.0], 1), result(1, [-1.0, -1.0, 6.0], 1), result(2, [-1.0, 5.0, -1.0], 2)], 1
+    )
+    np.testing.assert_allclose(out[key], [[0.0], [(2.0 + 2 * 5.0) / 3], [6.0]])
+    np.testing.assert_allclose(out["neck"], [(0 + 1 + 2 * 2) / 4])  # shared parts: plain FedAvg

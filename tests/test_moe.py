@@ -18,7 +18,14 @@ from fedsim.model.detector import (
     train_mode,
     trainable_keys,
 )
-from fedsim.model.moe import GlobalRouterMoEDetect, MoEDetect, convert_to_moe, group_routing_loss, moe_aux_loss
+from fedsim.model.moe import (
+    GlobalRouterMoEDetect,
+    ImageRouterMoEDetect,
+    MoEDetect,
+    convert_to_moe,
+    group_routing_loss,
+    moe_aux_loss,
+)
 
 torch.set_num_threads(1)
 
@@ -360,3 +367,87 @@ def test_deep_experts_reproduce_dense_head_and_route_sparsely(monkeypatch):
                 if mask.any():
                     want = head.box_experts[i].dense(sb, k)
                     torch.testing.assert_close(got[mask], want[mask], atol=1e-4, rtol=1e-4)
+
+
+def _level_outputs(head: MoEDetect, feats: list[torch.Tensor], expert) -> torch.Tensor:
+    """The head's training ``boxes`` output if every location took ``expert(level, box_stem)``."""
+    out = []
+    for i, f in enumerate(feats):
+        y = expert(i, head.cv2[i](f))
+        out.append(y.flatten(2))
+    return torch.cat(out, dim=-1)
+
+
+def test_image_router_picks_one_expert_per_image_at_any_resolution():
+    model = _model(init_noise=0.5, router="image", expert_depth=2)
+    head = model.model[-1]
+    assert isinstance(head, ImageRouterMoEDetect)
+    model.eval()
+    with torch.no_grad():
+        for hw in (HW_SMALL, HW_LARGE):
+            model(torch.cat([_images(hw, seed=s) for s in range(4)]))
+            first = [index[:, 0, 0] for index in head.last_expert_index]
+            for index in head.last_expert_index:  # every location of an image, every level: one expert
+                assert torch.equal(index, first[0][:, None, None].expand_as(index))
+    # calibration centres the summed logits on its images
+    calibration = _images(HW_SMALL, seed=7)
+    feats = []
+    hook = head.register_forward_pre_hook(lambda _m, args: feats.append(list(args[0])))
+    with torch.no_grad():
+        model(calibration)
+    hook.remove()
+    centred = head.router_logits(feats[0])[0].mean(dim=(0, 2, 3))
+    torch.testing.assert_close(centred, torch.zeros(K), atol=1e-5, rtol=0)
+
+
+def test_forced_and_averaged_experts_and_the_router_statistics_they_keep():
+    model = _model(init_noise=0.5, expert_depth=2)
+    head = model.model[-1]
+    train_mode(model)
+    x = _images(HW_LARGE)
+    with torch.no_grad():
+        chosen = model(x)
+        own_index = [i.clone() for i in head.last_expert_index]
+        head.force_expert = 2
+        forced = model(x)
+        feats = forced["feats"]
+        torch.testing.assert_close(
+            forced["boxes"],
+            _level_outputs(head, feats, lambda i, s: head.box_experts[i].dense(s, 2)),
+            atol=1e-4,
+            rtol=0,
+        )
+        assert not torch.allclose(forced["boxes"], chosen["boxes"], atol=1e-3)
+        # the statistics keep the router's own choices, not the forced expert
+        assert all(torch.equal(a, b) for a, b in zip(head.last_expert_index, own_index, strict=True))
+        model.eval()  # forcing holds in eval too (a client's teacher is an eval-mode copy)
+        y_forced, _ = model(x)
+        head.force_expert = None
+        y_free, _ = model(x)
+        assert not torch.allclose(y_forced, y_free, atol=1e-3)
+
+        train_mode(model)
+        head.average_experts = True
+        averaged = model(x)
+        want = _level_outputs(
+            head, averaged["feats"], lambda i, s: sum(head.box_experts[i].dense(s, k) for k in range(K)) / K
+        )
+        torch.testing.assert_close(averaged["boxes"], want, atol=1e-4, rtol=0)
+        model.eval()  # averaging is a training-mode override: evaluation routes
+        y_eval, _ = model(x)
+        head.average_experts = False
+        torch.testing.assert_close(y_eval, model(x)[0], atol=0, rtol=0)
+
+
+def test_averaged_experts_all_learn_and_the_router_learns_nothing_from_detection():
+    model = _model(init_noise=0.5, expert_depth=2)
+    freeze_backbone(model)
+    head = model.model[-1]
+    head.average_experts = True
+    train_mode(model)
+    loss, _ = model.loss(_batch(HW_SMALL))
+    loss.sum().backward()
+    for experts in (head.box_experts, head.cls_experts):
+        grad = experts[0].proj.weight.grad
+        assert all(float(grad[k].abs().sum()) > 0 for k in range(K))
+    assert all(r.weight.grad is None or float(r.weight.grad.abs().sum()) == 0 for r in head.routers)

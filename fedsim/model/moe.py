@@ -152,12 +152,26 @@ def _route_rows(
     return outs, sizes
 
 
+def _average_rows(flats: list[torch.Tensor], experts: list[nn.Module], num_experts: int) -> list[torch.Tensor]:
+    """Every row of each ``flats[j]`` through every expert, averaged: K times the routed cost."""
+    return [sum(e.apply(f, k) for k in range(num_experts)) / num_experts for f, e in zip(flats, experts, strict=True)]
+
+
 class MoEDetect(Detect):
     """Detect head whose pointwise output layers are K experts chosen per location by a spatial router.
 
     Output format is Detect's: a dict ``{"boxes", "scores", "feats"}`` in training, ``(y, dict)`` in
     eval, so ``v8DetectionLoss``, decoding and NMS work unchanged.
+
+    Two overrides a strategy may set (plain attributes, not state): ``force_expert`` sends every
+    location to that expert, in training and eval alike; ``average_experts``, in training mode only,
+    gives each location the mean of all experts' outputs, so one loss trains every expert alike.
+    Under either, the router gets no gradient from the detection loss, and the routing statistics
+    record the router's own choices (what it would pick unforced).
     """
+
+    force_expert: int | None = None
+    average_experts: bool = False
 
     def __init__(
         self,
@@ -292,11 +306,19 @@ class MoEDetect(Detect):
             probs = logits.softmax(dim=1)
             experts = [self.box_experts[i], self.cls_experts[i]]
             flats = [e.rows(stem) for e, stem in zip(experts, (sb, sc), strict=True)]
-            (yb, yc), sizes = _route_rows(flats, experts, index, k)
-            gate = probs.gather(1, index[:, None])
-            scale = gate / gate.detach()  # exactly 1.0 forward; carries the router gradient
-            boxes.append((yb * scale).view(bs, h * w, -1).transpose(1, 2))
-            scores.append((yc * scale).view(bs, h * w, -1).transpose(1, 2))
+            if self.average_experts and self.training:
+                yb, yc = _average_rows(flats, experts, k)
+                sizes = torch.bincount(index, minlength=k).tolist()
+            elif self.force_expert is not None:
+                (yb, yc), _ = _route_rows(flats, experts, torch.full_like(index, self.force_expert), k)
+                sizes = torch.bincount(index, minlength=k).tolist()
+            else:
+                (yb, yc), sizes = _route_rows(flats, experts, index, k)
+                gate = probs.gather(1, index[:, None])
+                scale = gate / gate.detach()  # exactly 1.0 forward; carries the router gradient
+                yb, yc = yb * scale, yc * scale
+            boxes.append(yb.view(bs, h * w, -1).transpose(1, 2))
+            scores.append(yc.view(bs, h * w, -1).transpose(1, 2))
             indices.append(index.view(bs, h, w))
             level_counts.append(sizes)
             prob_sums.append(probs.sum(dim=0))
@@ -440,6 +462,25 @@ class GlobalRouterMoEDetect(MoEDetect):
         return [logits[:, :, None, None].expand(-1, -1, *xi.shape[2:]) for xi in x]
 
 
+class ImageRouterMoEDetect(MoEDetect):
+    """One expert per image, at any resolution: each level's router reads that level's globally
+    average-pooled features, and the levels' logits add up to one choice for the whole image.
+
+    The pooled features carry image-level statistics (brightness, contrast, texture: what weather
+    and lighting change), which a per-location router sees only locally. The routers keep the
+    spatial router's shapes, ``Conv2d(C_i, K, 1)``, applied to a 1 x 1 map.
+    """
+
+    def router_logits(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        logits = sum(r(xi.mean(dim=(2, 3), keepdim=True)) for r, xi in zip(self.routers, x, strict=True))
+        return [logits.expand(-1, -1, *xi.shape[2:]) for xi in x]
+
+    @torch.no_grad()
+    def calibrate_routers(self, x: list[torch.Tensor]) -> None:
+        """Centre the summed logits: the correction goes to the last level's bias alone."""
+        self.routers[-1].bias.sub_(self.router_logits(x)[0].mean(dim=(0, 2, 3)))
+
+
 def convert_to_moe(
     model: nn.Module,
     num_experts: int,
@@ -454,13 +495,15 @@ def convert_to_moe(
 
     Each expert starts as a copy of the dense 1x1 output convs (plus ``init_noise`` x their weight
     std of Gaussian noise), so with ``init_noise=0`` the converted model's detections equal the
-    dense model's. ``router="global"`` builds the fixed-resolution ablation for ``input_hw`` (H, W).
+    dense model's. ``router="image"`` picks one expert per image from pooled features (any size);
+    ``router="global"`` builds the fixed-resolution ablation for ``input_hw`` (H, W).
     ``calibration`` (a batch of images, B x 3 x H x W in [0, 1]) centres the router logits on real
     features, which spreads the initial routing far more evenly than the data-free init.
     """
     head = model.model[-1]
-    if router == "spatial":
-        moe = MoEDetect.from_dense(head, num_experts, balance_coef, init_noise, expert_depth=expert_depth)
+    if router in ("spatial", "image"):
+        kind = MoEDetect if router == "spatial" else ImageRouterMoEDetect
+        moe = kind.from_dense(head, num_experts, balance_coef, init_noise, expert_depth=expert_depth)
     elif router == "global":
         if input_hw is None:
             raise ValueError("router='global' needs input_hw=(height, width)")
@@ -475,7 +518,7 @@ def convert_to_moe(
             level_stride=stride,
         )
     else:
-        raise ValueError(f"router must be 'spatial' or 'global', got {router!r}")
+        raise ValueError(f"router must be 'spatial', 'image' or 'global', got {router!r}")
     model.model[-1] = moe
     model.criterion = None  # rebuilt lazily by model.loss()
     if calibration is not None:

@@ -126,7 +126,7 @@ class ClientWorker:
             p.requires_grad_(name in trainable and ".dfl." not in name)
         received = {k: torch.from_numpy(np.array(v)) for k, v in global_state.items()}
         dataset = build_dataset(job.images, job.imgsz, self.cfg.data.classes, plan.batch)
-        self.strategy.begin_training(model)
+        self.strategy.begin_training(model, job.client_id)
         strong = None
         if plan.strong_scale is not None:
             strong = StrongAugment(scale_min=plan.strong_scale[0], scale_max=plan.strong_scale[1])

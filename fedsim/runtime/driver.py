@@ -215,6 +215,7 @@ class Simulation:
             self._open_tracker(None)
             t0 = time.perf_counter()
             self.strategy.init_weights(self.model, self.server.samples())
+            self.strategy.begin_training(self.model)
             losses = self.server.warmup(self.cfg.train.warmup_epochs, self.strategy.server_plan(0))
             metrics = {
                 **self.server.evaluate(),
