@@ -2,11 +2,13 @@
 
 Loads a finished FedMox run's final state (its ``config.yaml`` and ``final_state.npz``), then
 evaluates the model once with the router deciding and once per expert with every location forced
-to that expert (``MoEDetect.force_expert``). A row is an expert, a column a test domain; the last
-line compares each client domain's best expert with the expert the router picked most.
+to that expert (``MoEDetect.force_expert``). A row is an expert, a column a test domain; a last
+line per client domain names its best single expert, the expert the router sent most of its
+locations to, and the router's score against the best expert's.
 
-If the best expert on a domain beats the others by little, no routing can buy much on it: that is
-the ceiling of the experts as trained, whatever the router learns.
+Under an image-level router, the best single expert per domain is what perfect domain routing
+would score with the experts as trained. Under the spatial router a single expert is not what
+any routing does (each location picks), so there the rows show how much the experts differ.
 
     python benchmarks/expert_matrix.py runs/<run dir>
 
@@ -76,8 +78,11 @@ def main() -> None:
     experts = [r for r in rows if r != "router"]
     for d in cfg.data.client_domains:
         best = max(experts, key=lambda r: rows[r][d])
-        gain = rows[best][d] - rows[f"expert {routed[d]}"][d]
-        print(f"{d}: best {best} {rows[best][d]:.3f}; the router's pick (expert {routed[d]}) scores {gain:.3f} less")
+        delta = rows["router"][d] - rows[best][d]
+        print(
+            f"{d}: best single {best} {rows[best][d]:.3f}; the router (mostly expert {routed[d]}) "
+            f"{rows['router'][d]:.3f}, {delta:+.3f}"
+        )
 
 
 if __name__ == "__main__":
