@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 import fedsim  # noqa: F401  (sets YOLO_OFFLINE before ultralytics is imported)
-from fedsim.config import ExperimentConfig, read_yaml_mapping
+from fedsim.config import ExperimentConfig
 from fedsim.experiment import prepare_data, prepare_weights
 from fedsim.model.detector import build_detector, set_state
 from fedsim.model.moe import moe_head
+from fedsim.preflight import load
 from fedsim.runtime.driver import weights_fingerprint
 from fedsim.runtime.server import ServerTrainer
 from fedsim.tracking import git_commit
@@ -36,7 +37,7 @@ from strategies import build
 
 
 def load_run_model(run_dir: Path) -> tuple[ExperimentConfig, torch.nn.Module, ServerTrainer]:
-    cfg = ExperimentConfig.model_validate(read_yaml_mapping(run_dir / "config.yaml", "", ValueError))
+    cfg = load(run_dir / "config.yaml")
     if cfg.strategy.name != "fedmox":
         raise SystemExit(f"{run_dir}: a {cfg.strategy.name} run has no experts")
     model = build(cfg).build_model(build_detector(cfg.model.arch, cfg.data.classes, prepare_weights(cfg)))
@@ -58,8 +59,7 @@ def main() -> None:
     routed = {}
     for expert in [None, *range(head.num_experts)]:
         head.force_expert = expert
-        head.reset_routing_stats()
-        scores = evaluate(model, server.test_loaders)
+        scores = evaluate(model, server.test_loaders)  # scores a copy: the routing counts are read below
         label = "router" if expert is None else f"expert {expert}"
         rows[label] = {d: scores[f"map50/{d}"] for d in domains} | {"total": scores["map50/total"]}
         if expert is None:
